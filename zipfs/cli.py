@@ -1,0 +1,198 @@
+"""The `zipfs` command line. Errors are one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from zipfs.errors import ZipfsError
+from zipfs.read import export as export_mod
+from zipfs.read.reader import Reader
+from zipfs.store import names
+from zipfs.store import stats as stats_mod
+from zipfs.store.lmdb_store import Store, default_store_path
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _open(args: argparse.Namespace, create: bool = False) -> Store:
+    return Store(args.store or default_store_path(), create=create)
+
+
+def _progress_bar(total: int):  # noqa: ANN202 - tqdm or None
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from zipfs.ingest.ingester import Ingester, iter_source_files
+
+    if args.name and len(args.paths) > 1:
+        raise ZipfsError("--name takes one PATH")
+    sources = []
+    for p in args.paths:
+        src = Path(p)
+        if not src.exists():
+            raise ZipfsError(f"{p}: no such file or directory")
+        name = names.normalize(args.name or src.resolve().name)
+        files = [(f, f"{name}/{rel}" if rel else name) for f, rel in iter_source_files(src)]
+        sources.append((name, src.is_dir(), files))
+    total = sum(f.stat().st_size for _, _, files in sources for f, _ in files)
+    bar = _progress_bar(total)
+    with _open(args, create=True) as store, store.ingest_lock(), Ingester(
+        store, workers=args.workers, level=args.level, progress=bar.update if bar else None
+    ) as ing:
+        for name, is_model, files in sources:
+            for f, dest in files:
+                r = ing.ingest_file(f, dest, model=name if is_model else "")
+                msg = (f"{r.name}: {human(r.size)} -> {human(r.new_bytes)} new "
+                       f"({r.new_bytes / max(r.size, 1):.3f}), {r.kind}, "
+                       f"{r.reused_chunks}/{r.chunks} chunks reused, {r.delta_chunks} deltas, "
+                       f"{r.size / max(r.seconds, 1e-9) / 1e6:.0f} MB/s")
+                if r.note:
+                    msg += f"\n  note: {r.note}"
+                (bar.write if bar else print)(msg)
+    if bar:
+        bar.close()
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = _open(args)
+    with store, store.read() as txn:
+        rows = []
+        for path, fid in store.walk(txn, args.path):
+            if fid is None:
+                rows.append((path + "/", "", "", ""))
+            else:
+                rec = store.file(txn, fid)
+                rows.append((path, human(rec.size), human(rec.new_bytes), rec.kind))
+    width = max((len(r[0]) for r in rows), default=0)
+    for path, size, stored, kind in rows:
+        print(f"{path:<{width}}  {size:>10}  {stored:>10}  {kind}".rstrip())
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        reader = Reader(store)
+        layout = reader.layout(args.path)
+        end = layout.size if args.length is None else min(layout.size, args.offset + args.length)
+        out = sys.stdout.buffer
+        for off in range(args.offset, end, 8 << 20):
+            out.write(reader.read(layout, off, min(8 << 20, end - off)))
+        out.flush()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        for path in export_mod.export(Reader(store), args.name, Path(args.dir)):
+            print(path)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    bad = good = 0
+    with _open(args) as store:
+        for r in export_mod.verify(Reader(store), args.names):
+            if r.ok:
+                good += 1
+                if args.verbose:
+                    print(f"ok      {r.name}")
+            else:
+                bad += 1
+                print(f"FAILED  {r.name}: {r.message}")
+    print(f"{good} ok, {bad} failed")
+    return 1 if bad else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        s = stats_mod.compute(store)
+    if args.json:
+        print(json.dumps(s.as_dict(), indent=2))
+        return 0
+    print(f"files          {s.files}")
+    print(f"logical        {human(s.logical_bytes)} ({s.logical_bytes} bytes)")
+    print(f"stored         {human(s.stored_bytes)} ({s.stored_bytes} bytes), ratio {s.ratio:.4f}")
+    print(f"on disk        {human(s.disk_bytes)} (LMDB file)")
+    print(f"garbage        {human(s.garbage_bytes)} (unreferenced; freed by gc)")
+    print(f"chunks         {s.chunks}, {s.reused_chunks} dedup hits at ingest")
+    for kind, d in s.by_kind.items():
+        print(f"  {kind:<12} {d['chunks']:>8} chunks  {human(d['raw_bytes']):>10} -> "
+              f"{human(d['stored_bytes']):>10}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zipfs", description=__doc__)
+    p.add_argument("--store", help="store directory (default $ZIPFS_STORE or ~/.local/share/zipfs)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("ingest", cmd_ingest, "store files or model directories")
+    sp.add_argument("paths", nargs="+", metavar="PATH")
+    sp.add_argument("--name", help="name in the store (default: the basename of PATH)")
+    sp.add_argument("--workers", type=int, default=None, help="encoding threads (default: cores)")
+    sp.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
+
+    sp = add("ls", cmd_ls, "list names with logical and stored size")
+    sp.add_argument("path", nargs="?", default="")
+
+    sp = add("cat", cmd_cat, "write a stored file (or a byte range of it) to stdout")
+    sp.add_argument("path")
+    sp.add_argument("--offset", type=int, default=0)
+    sp.add_argument("--length", type=int, default=None)
+
+    sp = add("export", cmd_export, "write stored files under NAME to DIR, byte-exact")
+    sp.add_argument("name")
+    sp.add_argument("dir")
+
+    sp = add("verify", cmd_verify, "re-hash stored files against their recorded sha256")
+    sp.add_argument("names", nargs="*", metavar="NAME")
+    sp.add_argument("-v", "--verbose", action="store_true")
+
+    sp = add("stats", cmd_stats, "logical and stored bytes, dedup and codec breakdown")
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ZipfsError as e:
+        print(f"zipfs: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("zipfs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"zipfs: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Chunk codec: byte planes by dtype width, optional XOR delta, per-plane zstd/raw/const.
+
+Pure functions: bytes in, bytes out. A payload is self-describing except for the base chunk a
+delta needs, which the caller passes in:
+
+    u8 version | u8 flags | u8 width | u8 reserved | u32 raw_len
+    width x (u8 method | u32 stored_len)
+    plane data, in plane order
+
+flags: XOR (payload holds raw ^ base, as BitX does), SUB (payload holds the zigzag-coded integer
+difference raw - base per element, modulo 2**bits: a small change of a float is a small integer
+difference, where XOR can flip a long run of bits across a carry), ROTL1 (each element rotated left
+by one bit before the split, so the 8-bit exponent of BF16/F32 fills one plane, as ZipNN does).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+import zstandard
+
+from zipfs.errors import CorruptChunkError
+
+VERSION = 1
+FLAG_XOR = 1
+FLAG_ROTL1 = 2
+FLAG_SUB = 4
+#: delta transforms
+NONE, XOR, SUB = 0, FLAG_XOR, FLAG_SUB
+RAW, ZSTD, CONST = 0, 1, 2
+METHOD_NAMES = {RAW: "raw", ZSTD: "zstd", CONST: "const"}
+
+#: a plane is stored raw unless zstd makes it smaller than this fraction of its size
+RAW_THRESHOLD = 0.95
+DEFAULT_LEVEL = 3
+
+_HEAD = struct.Struct("<BBBBI")
+_PLANE = struct.Struct("<BI")
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_local = threading.local()
+
+
+def checksum(data: bytes | memoryview) -> int:
+    """xxh3-64 of decoded chunk bytes: stored per chunk, verified on every decode."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = _local.__dict__.setdefault("cctx", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "dctx"):
+        _local.dctx = zstandard.ZstdDecompressor()
+    return _local.dctx
+
+
+def _zigzag_sub(a: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
+    """(a - b) mod 2**bits, zigzag-coded so small negative differences are small too."""
+    d = a.view(_UINT[width]) - b.view(_UINT[width])
+    bits = 8 * width
+    return ((d << 1) ^ (0 - (d >> (bits - 1)))).view(np.uint8)
+
+
+def _zigzag_add(z: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of _zigzag_sub: b + unzigzag(z)."""
+    z = z.view(_UINT[width])
+    d = (z >> 1) ^ (0 - (z & 1))
+    return (b.view(_UINT[width]) + d).view(np.uint8)
+
+
+def _rotate(a: np.ndarray, width: int, left: bool) -> np.ndarray:
+    v = a.view(_UINT[width])
+    bits = 8 * width
+    if left:
+        v = (v << 1) | (v >> (bits - 1))
+    else:
+        v = (v >> 1) | (v << (bits - 1))
+    return v.view(np.uint8)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded chunk and what stats need to know about it."""
+
+    payload: bytes
+    #: methods used per plane, e.g. (ZSTD, CONST)
+    methods: tuple[int, ...]
+
+    @property
+    def is_const(self) -> bool:
+        return all(m == CONST for m in self.methods)
+
+
+def encode(raw: bytes | memoryview, width: int = 1, exp8: bool = False,
+           base: bytes | memoryview | None = None, delta: int = NONE,
+           level: int = DEFAULT_LEVEL) -> Encoded:
+    """Encode raw bytes of elements `width` bytes wide; against `base` with `delta` (XOR or SUB).
+
+    With a delta the exponent rotation is skipped: the high bytes of a delta are already mostly
+    zero, and rotating moves noise from the sign bit into them.
+    """
+    n = len(raw)
+    if (base is None) != (delta == NONE) or delta not in (NONE, XOR, SUB):
+        raise ValueError("a base chunk goes with a delta transform (XOR or SUB), and only then")
+    if base is not None and len(base) != n:
+        raise ValueError(f"base chunk is {len(base)} bytes, chunk is {n}")
+    if width not in (1, 2, 4, 8) or n % width:
+        width, exp8 = 1, False
+    a = np.frombuffer(raw, dtype=np.uint8)
+    flags = delta
+    if delta == XOR:
+        a = a ^ np.frombuffer(base, dtype=np.uint8)
+    elif delta == SUB:
+        a = _zigzag_sub(a, np.frombuffer(base, dtype=np.uint8), width)
+    elif exp8 and width > 1:
+        a = _rotate(a, width, left=True)
+        flags |= FLAG_ROTL1
+    planes = a.reshape(-1, width).T.copy() if width > 1 else a.reshape(1, -1)
+    heads, bodies, methods = [], [], []
+    for p in planes:
+        if len(p) and p.min() == p.max():
+            method, body = CONST, p[:1].tobytes()
+        else:
+            body = _compressor(level).compress(p.data) if len(p) else b""
+            method = ZSTD
+            if len(body) >= RAW_THRESHOLD * len(p):
+                method, body = RAW, p.tobytes()
+        heads.append(_PLANE.pack(method, len(body)))
+        bodies.append(body)
+        methods.append(method)
+    payload = b"".join([_HEAD.pack(VERSION, flags, width, 0, n), *heads, *bodies])
+    return Encoded(payload, tuple(methods))
+
+
+def needs_base(payload: bytes | memoryview) -> bool:
+    """Whether decoding this payload needs the base chunk it is a delta against."""
+    return len(payload) >= _HEAD.size and bool(payload[1] & (FLAG_XOR | FLAG_SUB))
+
+
+def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None) -> bytes:
+    """Decode a payload; raise CorruptChunkError on anything malformed."""
+    try:
+        version, flags, width, _, n = _HEAD.unpack_from(payload, 0)
+    except struct.error:
+        raise CorruptChunkError("chunk payload is truncated") from None
+    delta = flags & (FLAG_XOR | FLAG_SUB)
+    if (version != VERSION or width not in (1, 2, 4, 8) or n % width or flags & ~7
+            or delta == FLAG_XOR | FLAG_SUB):
+        raise CorruptChunkError(f"chunk payload header is invalid (version {version}, width {width})")
+    rows = n // width
+    pos = _HEAD.size + width * _PLANE.size
+    if len(payload) < pos:
+        raise CorruptChunkError("chunk payload is truncated")
+    out = np.empty((width, rows), dtype=np.uint8)
+    for i in range(width):
+        method, size = _PLANE.unpack_from(payload, _HEAD.size + i * _PLANE.size)
+        body = payload[pos:pos + size]
+        pos += size
+        if len(body) != size:
+            raise CorruptChunkError("chunk payload is truncated")
+        if method == CONST and size == 1:
+            out[i] = body[0]
+        elif method == RAW and size == rows:
+            out[i] = np.frombuffer(body, dtype=np.uint8)
+        elif method == ZSTD:
+            try:
+                plain = _decompressor().decompress(body, max_output_size=rows) if rows else b""
+            except zstandard.ZstdError as e:
+                raise CorruptChunkError(f"zstd plane does not decode: {e}") from None
+            if len(plain) != rows:
+                raise CorruptChunkError("zstd plane has the wrong length")
+            out[i] = np.frombuffer(plain, dtype=np.uint8)
+        else:
+            raise CorruptChunkError(f"plane {i} has invalid method {method} or size {size}")
+    if pos != len(payload):
+        raise CorruptChunkError("chunk payload has trailing bytes")
+    a = out.T.reshape(-1) if width > 1 else out.reshape(-1)
+    if flags & FLAG_ROTL1:
+        a = _rotate(np.ascontiguousarray(a), width, left=False)
+    if delta:
+        if base is None or len(base) != n:
+            raise CorruptChunkError("delta chunk decoded without its base chunk")
+        b = np.frombuffer(base, dtype=np.uint8)
+        a = a ^ b if delta == FLAG_XOR else _zigzag_add(np.ascontiguousarray(a), b, width)
+    return a.tobytes()

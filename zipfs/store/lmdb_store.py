@@ -1,0 +1,155 @@
+"""The LMDB environment of a store directory, its named databases and read helpers.
+
+Layout of a store directory:
+    lmdb/        LMDB data.mdb + lock.mdb
+    ingest.lock  flock: ingests hold it shared, gc exclusive (chunks of an unfinished ingest
+                 have no references yet and must not be collected)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lmdb
+
+from zipfs.errors import NotFoundError, StoreError
+from zipfs.store import names
+from zipfs.store.records import ChunkRecord, FileRecord, key_u64, ns_file_id, u64key
+from zipfs.store.writer import Writer
+
+SCHEMA_VERSION = 1
+DB_NAMES = ("meta", "ns", "files", "chunks", "payloads", "chunkhash", "models")
+DEFAULT_MAP_SIZE = 1 << 40  # a sparse reservation, not disk use
+
+
+def default_store_path() -> Path:
+    """$ZIPFS_STORE, else ~/.local/share/zipfs."""
+    env = os.environ.get("ZIPFS_STORE")
+    if env:
+        return Path(env)
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(data) / "zipfs"
+
+
+class Store:
+    """An open store. Reads use `read()` transactions; writes go through `writer`."""
+
+    def __init__(self, path: str | os.PathLike[str], create: bool = True,
+                 map_size: int = DEFAULT_MAP_SIZE) -> None:
+        self.path = Path(path)
+        dbdir = self.path / "lmdb"
+        if not (dbdir / "data.mdb").exists():
+            if not create:
+                raise StoreError(f"no zipfs store at {self.path} (run 'zipfs ingest' to create one)")
+            dbdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.env = lmdb.open(str(dbdir), map_size=map_size, max_dbs=len(DB_NAMES) + 1,
+                                 max_readers=512, readahead=False, sync=True, metasync=True)
+        except lmdb.Error as e:
+            raise StoreError(f"cannot open store {self.path}: {e}") from None
+        self.db = {n: self.env.open_db(n.encode()) for n in DB_NAMES}
+        self._check_schema()
+        self.writer = Writer(self.env)
+
+    def _check_schema(self) -> None:
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(b"schema", db=self.db["meta"])
+            if raw is None:
+                txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self.db["meta"])
+                return
+        version = int(raw)
+        if version > SCHEMA_VERSION:
+            self.env.close()
+            raise StoreError(
+                f"store {self.path} has schema {version}, newer than this zipfs supports "
+                f"({SCHEMA_VERSION}); upgrade zipfs")
+
+    def close(self) -> None:
+        self.writer.close()
+        self.env.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction whose values are zero-copy buffers valid inside the block."""
+        with self.env.begin(buffers=True) as txn:
+            yield txn
+
+    @contextmanager
+    def ingest_lock(self, exclusive: bool = False) -> Iterator[None]:
+        """Ingests share this lock; gc takes it exclusively."""
+        fd = os.open(self.path / "ingest.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    # ---- read helpers (take a transaction so callers control its lifetime) ----
+
+    def lookup(self, txn: lmdb.Transaction, path: str) -> int | None:
+        """File id for path, None for a directory; NotFoundError when absent."""
+        path = names.normalize(path)
+        if path == "":
+            return None
+        entry = txn.get(names.encode(path), db=self.db["ns"])
+        if entry is None:
+            raise NotFoundError(f"{path}: no such file or directory in the store")
+        return ns_file_id(entry)
+
+    def file(self, txn: lmdb.Transaction, file_id: int) -> FileRecord:
+        raw = txn.get(u64key(file_id), db=self.db["files"])
+        if raw is None:
+            raise StoreError(f"file record {file_id} is missing")
+        return FileRecord.unpack(raw)
+
+    def file_at(self, txn: lmdb.Transaction, path: str) -> FileRecord:
+        fid = self.lookup(txn, path)
+        if fid is None:
+            raise NotFoundError(f"{names.normalize(path)}: is a directory")
+        return self.file(txn, fid)
+
+    def chunk(self, txn: lmdb.Transaction, chunk_id: int) -> ChunkRecord:
+        raw = txn.get(u64key(chunk_id), db=self.db["chunks"])
+        if raw is None:
+            raise StoreError(f"chunk {chunk_id} is missing from the store")
+        return ChunkRecord.unpack(raw)
+
+    def payload(self, txn: lmdb.Transaction, chunk_id: int) -> memoryview:
+        raw = txn.get(u64key(chunk_id), db=self.db["payloads"])
+        if raw is None:
+            raise StoreError(f"payload of chunk {chunk_id} is missing from the store")
+        return raw
+
+    def walk(self, txn: lmdb.Transaction, prefix: str = "") -> Iterator[tuple[str, int | None]]:
+        """(path, file id or None for directories) of every entry under prefix, sorted."""
+        prefix = names.normalize(prefix)
+        cur = txn.cursor(db=self.db["ns"])
+        start = names.encode(prefix + "/") if prefix else b""
+        if prefix:
+            here = txn.get(names.encode(prefix), db=self.db["ns"])
+            if here is None:
+                raise NotFoundError(f"{prefix}: no such file or directory in the store")
+            if ns_file_id(here) is not None:
+                yield prefix, ns_file_id(here)
+                return
+        if not cur.set_range(start):
+            return
+        for k, v in cur:
+            k = bytes(k)
+            if not k.startswith(start):
+                break
+            yield names.decode(k), ns_file_id(v)
+
+    def iter_chunks(self, txn: lmdb.Transaction) -> Iterator[tuple[int, ChunkRecord]]:
+        for k, v in txn.cursor(db=self.db["chunks"]):
+            yield key_u64(bytes(k)), ChunkRecord.unpack(v)

@@ -1,0 +1,96 @@
+"""The one thread that owns LMDB write transactions.
+
+LMDB allows one writer at a time and binds a write transaction to its thread, so every write
+goes through here. Queued operations are batched into one transaction (one fsync for many
+small writes); each runs in a nested transaction, so one failing operation does not abort the
+others in its batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import lmdb
+
+from zipfs.errors import StoreError
+
+T = TypeVar("T")
+_STOP = object()
+
+
+class Writer:
+    """Runs `op(txn)` callables on a dedicated thread, batched into shared transactions."""
+
+    def __init__(self, env: lmdb.Environment, max_batch_ops: int = 512,
+                 max_batch_bytes: int = 256 << 20) -> None:
+        self._env = env
+        self._q: queue.Queue[Any] = queue.Queue()
+        self._max_ops = max_batch_ops
+        self._max_bytes = max_batch_bytes
+        self._thread = threading.Thread(target=self._run, name="zipfs-lmdb-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: Callable[[lmdb.Transaction], T], size: int = 0) -> Future[T]:
+        """Queue op; `size` (bytes it writes) bounds how much one transaction carries."""
+        fut: Future[T] = Future()
+        self._q.put((op, fut, size))
+        return fut
+
+    def call(self, op: Callable[[lmdb.Transaction], T]) -> T:
+        """Run op in a write transaction and wait for its commit."""
+        return self.submit(op).result()
+
+    def close(self) -> None:
+        """Finish queued operations, then stop the thread."""
+        if self._thread.is_alive():
+            self._q.put(_STOP)
+            self._thread.join()
+
+    def _next_batch(self, first: Any) -> tuple[list[Any], bool]:
+        batch, size, stop = [first], first[2], False
+        while len(batch) < self._max_ops and size < self._max_bytes:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+            size += item[2]
+        return batch, stop
+
+    def _run(self) -> None:
+        while True:
+            first = self._q.get()
+            if first is _STOP:
+                return
+            batch, stop = self._next_batch(first)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[Any]) -> None:
+        results: list[tuple[Future[Any], bool, Any]] = []
+        try:
+            with self._env.begin(write=True) as txn:
+                for op, fut, _ in batch:
+                    try:
+                        with self._env.begin(write=True, parent=txn) as child:
+                            results.append((fut, True, op(child)))
+                    except Exception as e:  # noqa: BLE001 - handed to the caller's future
+                        results.append((fut, False, e))
+        except Exception as e:  # noqa: BLE001 - a failed commit fails every op in it
+            err = e if isinstance(e, StoreError) else StoreError(f"store write failed: {e}")
+            for _, fut, _ in batch:
+                fut.set_exception(err)
+            return
+        for fut, ok, value in results:
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
