@@ -6,6 +6,7 @@ says why it was not treated as safetensors. Pure functions: bytes in, structures
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -178,7 +179,7 @@ def parse_header(header_bytes: bytes, file_size: int) -> Header:
         (_parse_tensor(name, spec, data_start, data_len) for name, spec in obj.items()),
         key=lambda t: (t.start, t.end),
     )
-    for prev, cur in zip(tensors, tensors[1:]):
+    for prev, cur in itertools.pairwise(tensors):
         if cur.start < prev.end:
             raise FormatError(f"tensors {prev.name!r} and {cur.name!r} overlap")
     return Header(n, metadata, tuple(tensors))

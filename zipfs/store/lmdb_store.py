@@ -53,7 +53,7 @@ class Store:
             raise StoreError(f"cannot open store {self.path}: {e}") from None
         self.db = {n: self.env.open_db(n.encode()) for n in DB_NAMES}
         self._check_schema()
-        self.writer = Writer(self.env)
+        self.writer = Writer(self.env, str(self.path))
 
     def _check_schema(self) -> None:
         with self.env.begin(write=True) as txn:

