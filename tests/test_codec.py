@@ -15,7 +15,8 @@ WIDTHS = sorted({(d.width, d.exp8) for d in DTYPES.values()})
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=hs.data(), width_exp=hs.sampled_from(WIDTHS), delta=hs.sampled_from([codec.NONE, codec.XOR, codec.SUB]))
+@given(data=hs.data(), width_exp=hs.sampled_from(WIDTHS),
+       delta=hs.sampled_from([codec.NONE, codec.XOR, codec.SUB]))
 def test_round_trip_any_bytes(data, width_exp, delta):
     width, exp8 = width_exp
     n = data.draw(hs.integers(0, 300)) * width

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import lmdb
-
 from conftest import sha256
+
 from zipfs.read.reader import Reader
 from zipfs.store.lmdb_store import Store
 from zipfs.store.records import u64key
