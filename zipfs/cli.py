@@ -12,7 +12,6 @@ from pathlib import Path
 from zipfs.errors import ZipfsError
 from zipfs.read import export as export_mod
 from zipfs.read.reader import Reader
-from zipfs.store import names
 from zipfs.store import stats as stats_mod
 from zipfs.store.lmdb_store import Store, default_store_path
 
@@ -37,34 +36,31 @@ def _progress_bar(total: int):  # noqa: ANN202 - tqdm or None
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
 
+def _file_line(r) -> str:  # noqa: ANN001 - a FileReport
+    msg = (f"{r.name}: {human(r.size)} -> {human(r.new_bytes)} new "
+           f"({r.new_bytes / max(r.size, 1):.3f}), {r.kind}, {r.reused_chunks}/{r.chunks} chunks reused, "
+           f"{r.delta_chunks} deltas, {r.size / max(r.seconds, 1e-9) / 1e6:.0f} MB/s")
+    return msg + (f"\n  note: {r.note}" if r.note else "")
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from zipfs.ingest.ingester import Ingester, iter_source_files
+    from zipfs.ingest.ingester import Ingester
+    from zipfs.ingest.model import ingest_model, plan_sources
 
     if args.name and len(args.paths) > 1:
         raise ZipfsError("--name takes one PATH")
-    sources = []
-    for p in args.paths:
-        src = Path(p)
-        if not src.exists():
-            raise ZipfsError(f"{p}: no such file or directory")
-        name = names.normalize(args.name or src.resolve().name)
-        files = [(f, f"{name}/{rel}" if rel else name) for f, rel in iter_source_files(src)]
-        sources.append((name, src.is_dir(), files))
-    total = sum(f.stat().st_size for _, _, files in sources for f, _ in files)
+    total = sum(f.stat().st_size for p in args.paths for f, _ in plan_sources(Path(p), args.name)[1])
     bar = _progress_bar(total)
+    say = bar.write if bar else print
     with _open(args, create=True) as store, store.ingest_lock(), Ingester(
         store, workers=args.workers, level=args.level, progress=bar.update if bar else None
     ) as ing:
-        for name, is_model, files in sources:
-            for f, dest in files:
-                r = ing.ingest_file(f, dest, model=name if is_model else "")
-                msg = (f"{r.name}: {human(r.size)} -> {human(r.new_bytes)} new "
-                       f"({r.new_bytes / max(r.size, 1):.3f}), {r.kind}, "
-                       f"{r.reused_chunks}/{r.chunks} chunks reused, {r.delta_chunks} deltas, "
-                       f"{r.size / max(r.seconds, 1e-9) / 1e6:.0f} MB/s")
-                if r.note:
-                    msg += f"\n  note: {r.note}"
-                (bar.write if bar else print)(msg)
+        for p in args.paths:
+            m = ingest_model(ing, Path(p), args.name, base=args.base, no_delta=args.no_delta,
+                             log=say if args.verbose else lambda _: None,
+                             on_file=lambda r: say(_file_line(r)))
+            say(f"{m.name}: {human(m.size)} stored in {human(m.new_bytes)} new bytes "
+                f"({m.new_bytes / max(m.size, 1):.3f}); base: {m.base.name or '(none)'} ({m.base.reason})")
     if bar:
         bar.close()
     return 0
@@ -153,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="name in the store (default: the basename of PATH)")
     sp.add_argument("--workers", type=int, default=None, help="encoding threads (default: cores)")
     sp.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
+    sp.add_argument("--base", help="store deltas against this stored model (skip detection)")
+    sp.add_argument("--no-delta", action="store_true", help="store standalone, no base model")
+    sp.add_argument("-v", "--verbose", action="store_true", help="show base candidates and scores")
 
     sp = add("ls", cmd_ls, "list names with logical and stored size")
     sp.add_argument("path", nargs="?", default="")

@@ -25,6 +25,7 @@ import numpy as np
 from zipfs.codec import chunk as codec
 from zipfs.errors import ZipfsError
 from zipfs.formats.safetensors import Segment
+from zipfs.ingest.base import BaseRef, resolve_base
 from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, plan_file
 from zipfs.read.chunks import ChunkSource
 from zipfs.store import names
@@ -35,8 +36,8 @@ from zipfs.store.records import ChunkRecord, FileRecord, TensorEntry, key_u64, u
 #: a delta is kept without trying standalone coding when it is at most this fraction of raw
 DELTA_GOOD_ENOUGH = 0.5
 
-#: base chunk ids for one tensor of the file being ingested, or None (see zipfs.ingest.base)
-BaseLookup = Callable[[Segment], "list[int] | None"]
+#: base refs for the chunks of one tensor of the file being ingested, or None
+BaseLookup = Callable[[Segment], "list[BaseRef] | None"]
 
 
 @dataclass
@@ -133,31 +134,25 @@ class Ingester:
 
     # ---- worker side ----
 
-    def _prepare(self, data: memoryview, width: int, exp8: bool, base_id: int) -> _Prepared:
+    def _prepare(self, data: memoryview, width: int, exp8: bool, ref: BaseRef | None) -> _Prepared:
         """Hash one chunk; if it is new, encode it (as a delta when that is smaller)."""
         h = blake3.blake3(data).digest()
         with self.store.read() as txn:
             hit = txn.get(h, db=self.store.db["chunkhash"])
             if hit is not None:
                 return _Prepared(h, chunk_id=key_u64(bytes(hit)))
-            base_raw = None
-            if base_id:
-                base_rec = self.store.chunk(txn, base_id)
-                if base_rec.base:  # depth one: a delta's base is its root's chunk
-                    base_id = base_rec.base
-                    base_rec = self.store.chunk(txn, base_id)
-                if base_rec.raw_len == len(data):
-                    base_raw = self.source.get(base_id)
+        resolved = resolve_base(self.store, self.source, ref, len(data)) if ref else None
         best, delta = None, codec.NONE
-        if base_raw is not None:
-            best = codec.encode(data, width, exp8, base=base_raw, delta=codec.SUB, level=self.level)
+        if resolved is not None:
+            best = codec.encode(data, width, exp8, base=resolved[1], delta=codec.SUB, level=self.level)
             delta = codec.SUB
         if best is None or len(best.payload) > DELTA_GOOD_ENOUGH * len(data):
             plain = codec.encode(data, width, exp8, level=self.level)
             if best is None or len(plain.payload) <= len(best.payload):
                 best, delta = plain, codec.NONE
-        record = ChunkRecord(codec.checksum(data), base_id if delta else 0, len(data),
-                             len(best.payload), 0, _chunk_kind(best, delta), h)
+        base = resolved[0] if delta else BaseRef(0)
+        record = ChunkRecord(codec.checksum(data), base.chunk_id, len(data), len(best.payload), 0,
+                             _chunk_kind(best, delta), base.off, base.xform, h)
         return _Prepared(h, record=record, payload=best.payload)
 
     # ---- writer side ----
@@ -267,12 +262,12 @@ class Ingester:
                 self.progress(nbytes)
 
         for si, seg in enumerate(plan.segments):
-            base_ids = base_lookup(seg) if base_lookup and seg.tensor else None
+            refs = base_lookup(seg) if base_lookup and seg.tensor else None
             for ci, (s, e) in enumerate(chunk_ranges(seg, self.chunk_size)):
-                base_id = base_ids[ci] if base_ids and ci < len(base_ids) else 0
+                ref = refs[ci] if refs and ci < len(refs) else None
                 offsets.append(s)
                 window.append((si, e - s, self._pool.submit(self._prepare, view[s:e], seg.dtype.width,
-                                                    seg.dtype.exp8, base_id)))
+                                                    seg.dtype.exp8, ref)))
                 if len(window) >= max_window:
                     drain_one()
         while window:

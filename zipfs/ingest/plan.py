@@ -19,15 +19,21 @@ class FilePlan:
 
 
 def plan_file(name: str, data: bytes | memoryview, size: int) -> FilePlan:
-    """Segments of a file: a valid safetensors file by tensor, anything else as opaque bytes."""
+    """Segments of a file: a valid safetensors file by tensor, anything else as opaque bytes.
+
+    Files named *.safetensors are parsed, and so is any file that starts like one (a length, then
+    '{'): validation is strict, so only real safetensors pass. Only the named ones get a note
+    saying why they were stored opaque.
+    """
     whole = [st.Segment(0, size, st.OPAQUE)] if size else []
-    if not name.endswith(".safetensors"):
+    claimed = name.endswith(".safetensors")
+    if not claimed and bytes(data[8:9]) != b"{":
         return FilePlan("opaque", "", whole)
     try:
         n = st.header_length(bytes(data[:8]), size)
         header = st.parse_header(bytes(data[8:8 + n]), size)
     except FormatError as e:
-        return FilePlan("opaque", f"not treated as safetensors: {e}", whole)
+        return FilePlan("opaque", f"not treated as safetensors: {e}" if claimed else "", whole)
     return FilePlan("safetensors", "", st.segments(header, size))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from zipfs.codec import chunk as codec
+from zipfs.codec import widen
 from zipfs.errors import CorruptChunkError
 from zipfs.read.cache import ChunkCache
 from zipfs.store.lmdb_store import Store
@@ -33,6 +34,17 @@ class ChunkSource:
             return hit
         return self._decode(chunk_id, allow_delta=True)
 
+    def base_bytes(self, base_id: int, off: int, xform: int, nbytes: int) -> bytes | memoryview:
+        """The bytes a delta of `nbytes` is coded against: a slice of a standalone base chunk,
+        widened when the base has a narrower dtype."""
+        base = self.cache.get(base_id)
+        if base is None:
+            base = self._decode(base_id, allow_delta=False)
+        need = nbytes // widen.FACTOR[xform]
+        if off + need > len(base):
+            raise CorruptChunkError(f"base chunk {base_id} is shorter than a delta needs")
+        return widen.widen(memoryview(base)[off:off + need], xform)
+
     def _decode(self, chunk_id: int, allow_delta: bool) -> bytes:
         with self.store.read() as txn:
             rec = self.store.chunk(txn, chunk_id)
@@ -42,9 +54,7 @@ class ChunkSource:
             if not allow_delta:
                 raise CorruptChunkError(
                     f"chunk {chunk_id} is a delta of a delta (base {rec.base}): store is inconsistent")
-            base = self.cache.get(rec.base)
-            if base is None:
-                base = self._decode(rec.base, allow_delta=False)
+            base = self.base_bytes(rec.base, rec.base_off, rec.base_xform, rec.raw_len)
         elif codec.needs_base(payload):
             raise CorruptChunkError(f"chunk {chunk_id} is a delta but its record names no base")
         try:
@@ -58,4 +68,3 @@ class ChunkSource:
             self.decoded_bytes += len(data)
         self.cache.put(chunk_id, data)
         return data
-

@@ -18,7 +18,7 @@ from zipfs.errors import StoreError
 STANDALONE, CONST, DELTA_XOR, DELTA_SUB = 0, 1, 2, 3
 KIND_NAMES = {STANDALONE: "standalone", CONST: "const", DELTA_XOR: "delta-xor", DELTA_SUB: "delta-sub"}
 
-_CHUNK = struct.Struct("<QQIIQB32s")
+_CHUNK = struct.Struct("<QQIIQBIB32s")
 
 
 def u64key(n: int) -> bytes:
@@ -40,11 +40,15 @@ class ChunkRecord:
     stored_len: int
     refs: int
     kind: int
+    #: for deltas: byte offset of the base bytes inside the base chunk, and the widening applied
+    #: to them (zipfs.codec.widen); 0 and 0 when the base chunk covers the same elements as-is
+    base_off: int
+    base_xform: int
     hash: bytes  # blake3-256 of the raw bytes: the chunk's content address
 
     def pack(self) -> bytes:
         return _CHUNK.pack(self.checksum, self.base, self.raw_len, self.stored_len, self.refs,
-                           self.kind, self.hash)
+                           self.kind, self.base_off, self.base_xform, self.hash)
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> ChunkRecord:
