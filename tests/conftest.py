@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import fetch_models  # noqa: E402
-
 from zipfs.cli import main as cli_main  # noqa: E402
 from zipfs.store.lmdb_store import Store  # noqa: E402
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import sha256
 
+from conftest import sha256
 from zipfs.ingest import ingester as ingester_mod
 from zipfs.ingest.ingester import Ingester
 from zipfs.store.lmdb_store import Store

@@ -91,7 +91,8 @@ def test_unrelated_same_shaped_model_is_refused(zipfs, models, store_path, tmp_p
 
 
 def test_metadata_hint_names_the_base(zipfs, models, tmp_path):
-    assert zipfs("ingest", str(models["minilm"]), "--name", "sentence-transformers/all-MiniLM-L6-v2").code == 0
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    assert zipfs("ingest", str(models["minilm"]), "--name", name).code == 0
     d = weights_only(models, "sre", tmp_path)
     (d / "README.md").write_text("---\nbase_model: sentence-transformers/all-MiniLM-L6-v2\n---\n# card\n")
     r = zipfs("ingest", str(d), "--name", "sre")

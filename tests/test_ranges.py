@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import fetch_models
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
+import fetch_models
 from zipfs.ingest.ingester import Ingester
 from zipfs.ingest.model import ingest_model
 from zipfs.read.cache import ChunkCache
