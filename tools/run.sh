@@ -24,7 +24,7 @@ setup() {
         [ -n "$py" ] || py=python3
     fi
     [ -x .venv/bin/python ] || "$py" -m venv .venv
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,hf]'
 }
 
 case "${1:-}" in

@@ -116,7 +116,54 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise ZipfsError(f"invalid size {text!r} (use e.g. 512M or 2G)") from None
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from zipfs.fs.mount import MountOptions, mount
+
+    opts = MountOptions(
+        store=Path(args.store or default_store_path()), mountpoint=Path(args.mountpoint),
+        foreground=args.foreground, cache_size=parse_size(args.cache_size),
+        workers=args.workers or os.cpu_count() or 1, allow_other=args.allow_other,
+        log_level=args.log_level, log_file=args.log_file, readahead_kb=args.readahead_kb)
+    return mount(opts)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    import subprocess
+
+    cmd = ["fusermount3", "-u", *(["-z"] if args.lazy else []), args.mountpoint]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise ZipfsError(r.stderr.strip() or f"fusermount3 failed with status {r.returncode}")
+    return 0
+
+
+def mount_stats(mountpoint: str) -> dict:
+    try:
+        return json.loads(os.getxattr(mountpoint, "user.zipfs.stats"))
+    except OSError as e:
+        raise ZipfsError(f"{mountpoint}: not a zipfs mount ({e.strerror})") from None
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
+    if args.mount:
+        m = mount_stats(args.mount)
+        if args.json:
+            print(json.dumps(m, indent=2))
+        else:
+            for k, v in m.items():
+                print(f"{k:<18} {v}")
+        return 0
     with _open(args) as store:
         s = stats_mod.compute(store)
     if args.json:
@@ -171,10 +218,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("stats", cmd_stats, "logical and stored bytes, dedup and codec breakdown")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--mount", metavar="MNT", help="live statistics of a mounted store instead")
+
+    sp = add("mount", cmd_mount, "serve the store as plain files at MOUNTPOINT (FUSE)")
+    sp.add_argument("mountpoint")
+    sp.add_argument("-f", "--foreground", action="store_true", help="do not go to the background")
+    sp.add_argument("--cache-size", default="1G", help="decoded-chunk cache, e.g. 512M (default 1G)")
+    sp.add_argument("--workers", type=int, default=None, help="decode threads (default: cores)")
+    sp.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    sp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sp.add_argument("--log-file", help="log here (a background mount logs nowhere otherwise)")
+    sp.add_argument("--readahead-kb", type=int, default=None,
+                    help="as root, set the mount's read_ahead_kb (1024 gives 1 MiB reads)")
+
+    sp = add("umount", cmd_umount, "unmount a zipfs mount")
+    sp.add_argument("mountpoint")
+    sp.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when not busy")
     return p
 
 
+def fstab_argv(argv: list[str]) -> list[str]:
+    """mount.fuse3 runs `zipfs STORE MOUNTPOINT -o opts` (fstab: `zipfs#STORE MNT fuse ...` or
+    type fuse.zipfs): turn that into a mount command line; other argv pass through."""
+    pos = [a for a in argv if not a.startswith("-")]
+    if len(pos) < 2 or argv[0] in COMMANDS or argv[0].startswith("-") or "-o" not in argv:
+        return argv
+    opts = argv[argv.index("-o") + 1].split(",") if argv.index("-o") + 1 < len(argv) else []
+    out = ["--store", pos[0], "mount", pos[1]]
+    keyed = {"cache_size": "--cache-size", "workers": "--workers", "log_file": "--log-file",
+             "log_level": "--log-level", "readahead_kb": "--readahead-kb"}
+    for o in opts:
+        key, _, value = o.partition("=")
+        if key in keyed and value:
+            out += [keyed[key], value]
+        elif key == "allow_other":
+            out.append("--allow-other")
+        elif key == "foreground":
+            out.append("--foreground")
+    return out
+
+
+COMMANDS = {"ingest", "ls", "cat", "export", "verify", "stats", "mount", "umount"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = fstab_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -40,5 +40,9 @@ class ChunkCache:
                 _, evicted = self._data.popitem(last=False)
                 self.size -= len(evicted)
 
+    def __contains__(self, key: int) -> bool:
+        """Whether key is cached, without counting a hit or refreshing it."""
+        return key in self._data
+
     def __len__(self) -> int:
         return len(self._data)

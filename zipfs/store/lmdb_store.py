@@ -150,6 +150,26 @@ class Store:
                 break
             yield names.decode(k), ns_file_id(v)
 
+    def children(self, txn: lmdb.Transaction, path: str) -> Iterator[tuple[str, int | None]]:
+        """(name, file id or None) of the direct children of directory `path`, sorted.
+
+        Deeper entries are skipped with one cursor seek per child directory, not walked.
+        """
+        prefix = names.encode(path + "/") if path else b""
+        cur = txn.cursor(db=self.db["ns"])
+        ok = cur.set_range(prefix)
+        while ok:
+            k = bytes(cur.key())
+            if not k.startswith(prefix):
+                break
+            rest = k[len(prefix):]
+            slash = rest.find(b"/")
+            if slash >= 0:  # inside a child directory: jump past it
+                ok = cur.set_range(prefix + rest[:slash] + b"0")  # '0' sorts right after '/'
+                continue
+            yield names.decode(rest), ns_file_id(cur.value())
+            ok = cur.next()
+
     def iter_chunks(self, txn: lmdb.Transaction) -> Iterator[tuple[int, ChunkRecord]]:
         for k, v in txn.cursor(db=self.db["chunks"]):
             yield key_u64(bytes(k)), ChunkRecord.unpack(v)

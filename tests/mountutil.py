@@ -1,0 +1,58 @@
+"""Run a real zipfs mount in a subprocess for tests; never leave a mount behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def zipfs_cmd(store: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "zipfs.cli", "--store", str(store), *args]
+
+
+def unmount(mnt: Path) -> None:
+    """Unmount, lazily if the mount is busy, so nothing is left mounted."""
+    for flags in (["-u"], ["-uz"]):
+        if not os.path.ismount(mnt):
+            return
+        subprocess.run(["fusermount3", *flags, str(mnt)], capture_output=True)
+        time.sleep(0.2)
+
+
+def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None,
+             log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"mount process exited ({proc.returncode}) before {what}: "
+                                 f"{log.read_text() if log and log.exists() else ''}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def mounted(store: Path, mnt: Path, *extra: str, log: Path | None = None):
+    """A foreground mount process serving `store` at `mnt` for the duration of the block."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    log = log or mnt.parent / f"{mnt.name}.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(zipfs_cmd(store, "mount", str(mnt), "--foreground", "--log-file", str(log),
+                                      *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.path.ismount(mnt), 30, "the mount", proc, log)
+        yield proc
+    finally:
+        unmount(mnt)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        unmount(mnt)

@@ -1,0 +1,175 @@
+"""Run a mount: the process around the FUSE operations.
+
+Backgrounding: the parent forks before anything opens the store or starts a thread (LMDB and
+trio are not fork-safe); the child mounts, then reports "ok" (or the error) through a pipe, and
+the parent exits 0 only once the mount is live. Signals (as s3ql does): SIGINT/SIGTERM end the
+FUSE loop and unmount cleanly; an inherited SIG_IGN for SIGINT is reset; SIGUSR1 dumps every
+thread's stack. Under systemd (Type=notify) READY=1 is sent once mounted.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from zipfs.errors import ZipfsError
+from zipfs.fs.namespace import Namespace
+from zipfs.fs.operations import Operations
+from zipfs.read.cache import ChunkCache
+from zipfs.read.chunks import ChunkSource
+from zipfs.store.lmdb_store import Store
+
+log = logging.getLogger("zipfs.mount")
+
+
+@dataclass
+class MountOptions:
+    store: Path
+    mountpoint: Path
+    foreground: bool = False
+    cache_size: int = 1 << 30
+    workers: int = os.cpu_count() or 1
+    allow_other: bool = False
+    log_level: str = "INFO"
+    log_file: str | None = None
+    readahead_kb: int | None = None
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+def check_mountpoint(mnt: Path) -> None:
+    if not mnt.is_dir():
+        raise ZipfsError(f"mount point {mnt} is not a directory")
+    if os.path.ismount(mnt):
+        raise ZipfsError(f"{mnt} is already a mount point (zipfs umount {mnt})")
+
+
+def set_readahead(mnt: Path, kb: int) -> None:
+    """Raise the mount's bdi read_ahead_kb (as root) so the kernel sends 1 MiB reads, not 128 KiB."""
+    dev = os.stat(mnt).st_dev
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        path.write_text(str(kb))
+        log.info("read_ahead_kb=%d for %s", kb, path.parent.name)
+    except OSError as e:
+        log.warning("cannot set %s: %s", path, e.strerror)
+
+
+def _setup_logging(opts: MountOptions) -> None:
+    handler: logging.Handler = (logging.FileHandler(opts.log_file) if opts.log_file
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("zipfs")
+    root.handlers[:] = [handler]
+    root.setLevel(opts.log_level.upper())
+
+
+async def _serve(ops: Operations, opts: MountOptions) -> None:
+    async with trio.open_nursery() as nursery:
+        for _ in range(ops.workers):
+            nursery.start_soon(ops.prefetch_worker)
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("%s: unmounting", signal.Signals(signum).name)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signals)
+        if opts.readahead_kb:
+            nursery.start_soon(trio.to_thread.run_sync, set_readahead, opts.mountpoint, opts.readahead_kb)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(opts: MountOptions, ready: Callable[[str], None] = lambda _: None) -> None:
+    """Mount and serve until unmounted or signalled. `ready` gets "ok" once mounted, or an error."""
+    _setup_logging(opts)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background start inherits SIG_IGN
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr if not opts.log_file else
+                          open(opts.log_file, "a"), all_threads=True)  # noqa: SIM115 - lives as long as we do
+    try:
+        check_mountpoint(opts.mountpoint)
+        store = Store(opts.store, create=False)
+    except ZipfsError as e:
+        ready(str(e))
+        raise
+    source = ChunkSource(store, ChunkCache(opts.cache_size))
+    ops = Operations(Namespace(store), source, opts.workers)
+    fuse_opts = {"fsname=zipfs", "subtype=zipfs", "default_permissions"}
+    if opts.allow_other:
+        fuse_opts.add("allow_other")
+    try:
+        pyfuse3.init(ops, str(opts.mountpoint), fuse_opts)
+    except RuntimeError as e:
+        store.close()
+        ready(f"cannot mount {opts.mountpoint}: {e}")
+        raise ZipfsError(f"cannot mount {opts.mountpoint}: {e}") from None
+    log.info("mounted %s on %s (cache %d MiB, %d workers)", opts.store, opts.mountpoint,
+             opts.cache_size >> 20, opts.workers)
+    ready("ok")
+    sd_notify("READY=1")
+    try:
+        trio.run(_serve, ops, opts)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sd_notify("STOPPING=1")
+        pyfuse3.close(unmount=True)
+        store.close()
+        log.info("unmounted %s", opts.mountpoint)
+
+
+def mount(opts: MountOptions) -> int:
+    """Mount in the foreground, or fork a daemon and return once its mount is live."""
+    check_mountpoint(opts.mountpoint)
+    if opts.foreground:
+        serve(opts)
+        return 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:  # parent: wait for the child's word
+        os.close(w)
+        with os.fdopen(r) as f:
+            msg = f.read().strip()
+        if msg == "ok":
+            return 0
+        raise ZipfsError(msg or "the mount process exited before mounting (see --log-file)")
+    os.close(r)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+    def ready(msg: str) -> None:
+        os.write(w, msg.encode() + b"\n")
+        os.close(w)
+
+    code = 0
+    try:
+        serve(opts, ready)
+    except BaseException:  # noqa: BLE001 - the daemon's last word goes to its log
+        log.exception("mount process failed")
+        code = 1
+    os._exit(code)
