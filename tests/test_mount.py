@@ -200,3 +200,23 @@ def test_background_mount_fstab_syntax_and_umount(family_store, tmp_path):
     r = subprocess.run(zipfs_cmd(tmp_path / "nostore", "mount", str(m)), env=env, capture_output=True,
                        text=True)
     assert r.returncode == 1 and "no zipfs store" in r.stderr
+
+
+def test_systemd_notify_ready(family_store, tmp_path):
+    """Under systemd (Type=notify) the mount sends READY=1 once it is live."""
+    import socket
+
+    store, _ = family_store
+    addr = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(addr)
+        sock.settimeout(30)
+        os.environ["NOTIFY_SOCKET"] = addr
+        try:
+            with mounted(store, tmp_path / "m") as proc:
+                assert sock.recv(64) == b"READY=1"
+                assert os.path.ismount(tmp_path / "m")
+                proc.send_signal(signal.SIGTERM)
+                assert sock.recv(64) == b"STOPPING=1"
+        finally:
+            del os.environ["NOTIFY_SOCKET"]

@@ -150,7 +150,8 @@ def encode(raw: bytes | memoryview, width: int = 1, exp8: bool = False,
     elif exp8 and width > 1:
         a = _rotate(a, width, left=True)
         flags |= FLAG_ROTL1
-    planes = a.reshape(-1, width).T.copy() if width > 1 else a.reshape(1, -1)
+    # one strided copy per plane: several times faster than a transpose of the whole chunk
+    planes = [np.ascontiguousarray(a[i::width]) for i in range(width)] if width > 1 else [a]
     heads, bodies, methods = [], [], []
     for p in planes:
         if len(p) and p.min() == p.max():
@@ -186,7 +187,8 @@ def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None) 
     pos = _HEAD.size + width * _PLANE.size
     if len(payload) < pos:
         raise CorruptChunkError("chunk payload is truncated")
-    out = np.empty((width, rows), dtype=np.uint8)
+    out = np.empty(n, dtype=np.uint8)
+    cols = out.reshape(rows, width)  # planes are written straight into their interleaved places
     for i in range(width):
         method, size = _PLANE.unpack_from(payload, _HEAD.size + i * _PLANE.size)
         body = payload[pos:pos + size]
@@ -194,9 +196,9 @@ def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None) 
         if len(body) != size:
             raise CorruptChunkError("chunk payload is truncated")
         if method == CONST and size == 1:
-            out[i] = body[0]
+            cols[:, i] = body[0]
         elif method == RAW and size == rows:
-            out[i] = np.frombuffer(body, dtype=np.uint8)
+            cols[:, i] = np.frombuffer(body, dtype=np.uint8)
         elif method == ZSTD:
             try:
                 plain = _decompressor().decompress(body, max_output_size=rows) if rows else b""
@@ -204,17 +206,17 @@ def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None) 
                 raise CorruptChunkError(f"zstd plane does not decode: {e}") from None
             if len(plain) != rows:
                 raise CorruptChunkError("zstd plane has the wrong length")
-            out[i] = np.frombuffer(plain, dtype=np.uint8)
+            cols[:, i] = np.frombuffer(plain, dtype=np.uint8)
         else:
             raise CorruptChunkError(f"plane {i} has invalid method {method} or size {size}")
     if pos != len(payload):
         raise CorruptChunkError("chunk payload has trailing bytes")
-    a = out.T.reshape(-1) if width > 1 else out.reshape(-1)
+    a = out
     if flags & FLAG_ROTL1:
-        a = _rotate(np.ascontiguousarray(a), width, left=False)
+        a = _rotate(a, width, left=False)
     if delta:
         if base is None or len(base) != n:
             raise CorruptChunkError("delta chunk decoded without its base chunk")
         b = np.frombuffer(base, dtype=np.uint8)
-        a = a ^ b if delta == FLAG_XOR else _zigzag_add(np.ascontiguousarray(a), b, width)
+        a = a ^ b if delta == FLAG_XOR else _zigzag_add(a, b, width)
     return a.tobytes()
