@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mountutil import ROOT, mounted, unmount, wait_for, zipfs_cmd
 from safetensors import safe_open
 
 import fetch_models
 from conftest import sha256
+from zipfs.fs.process import ROOT, mounted, unmount, wait_for, zipfs_cmd
 from zipfs.ingest.ingester import Ingester
 from zipfs.ingest.model import ingest_model
 from zipfs.store.lmdb_store import Store

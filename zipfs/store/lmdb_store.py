@@ -48,7 +48,7 @@ class Store:
             dbdir.mkdir(parents=True, exist_ok=True)
         try:
             self.env = lmdb.open(str(dbdir), map_size=map_size, max_dbs=len(DB_NAMES) + 1,
-                                 max_readers=512, readahead=False, sync=True, metasync=True)
+                                 max_readers=512, readahead=True, sync=True, metasync=True)
         except lmdb.Error as e:
             raise StoreError(f"cannot open store {self.path}: {e}") from None
         self.db = {n: self.env.open_db(n.encode()) for n in DB_NAMES}

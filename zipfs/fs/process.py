@@ -1,4 +1,4 @@
-"""Run a real zipfs mount in a subprocess for tests; never leave a mount behind."""
+"""Run a zipfs mount in a child process (tests, benchmarks, the demo); never leave a mount behind."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+#: the directory holding the zipfs package, so a child process imports this very copy
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def zipfs_cmd(store: Path, *args: str) -> list[str]:
+    """The command line of the zipfs CLI on this interpreter, against `store`."""
     return [sys.executable, "-m", "zipfs.cli", "--store", str(store), *args]
 
 
@@ -25,8 +28,9 @@ def unmount(mnt: Path) -> None:
         time.sleep(0.2)
 
 
-def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None,
-             log: Path | None = None) -> None:
+def wait_for(pred: Callable[[], bool], timeout: float, what: str,
+             proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll pred until true; fail early if the mount process died (with its log)."""
     deadline = time.monotonic() + timeout
     while not pred():
         if proc is not None and proc.poll() is not None:
@@ -38,7 +42,7 @@ def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = No
 
 
 @contextmanager
-def mounted(store: Path, mnt: Path, *extra: str, log: Path | None = None):
+def mounted(store: Path, mnt: Path, *extra: str, log: Path | None = None) -> Iterator[subprocess.Popen]:
     """A foreground mount process serving `store` at `mnt` for the duration of the block."""
     mnt.mkdir(parents=True, exist_ok=True)
     log = log or mnt.parent / f"{mnt.name}.log"
