@@ -23,6 +23,7 @@ import numpy as np
 import xxhash
 import zstandard
 
+from zipfs.codec import _planes
 from zipfs.errors import CorruptChunkError
 
 VERSION = 1
@@ -40,7 +41,6 @@ DEFAULT_LEVEL = 3
 
 _HEAD = struct.Struct("<BBBBI")
 _PLANE = struct.Struct("<BI")
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _local = threading.local()
 
 
@@ -89,30 +89,6 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return _local.dctx
 
 
-def _zigzag_sub(a: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
-    """(a - b) mod 2**bits, zigzag-coded so small negative differences are small too."""
-    d = a.view(_UINT[width]) - b.view(_UINT[width])
-    bits = 8 * width
-    return ((d << 1) ^ (0 - (d >> (bits - 1)))).view(np.uint8)
-
-
-def _zigzag_add(z: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
-    """Inverse of _zigzag_sub: b + unzigzag(z)."""
-    z = z.view(_UINT[width])
-    d = (z >> 1) ^ (0 - (z & 1))
-    return (b.view(_UINT[width]) + d).view(np.uint8)
-
-
-def _rotate(a: np.ndarray, width: int, left: bool) -> np.ndarray:
-    v = a.view(_UINT[width])
-    bits = 8 * width
-    if left:
-        v = (v << 1) | (v >> (bits - 1))
-    else:
-        v = (v >> 1) | (v << (bits - 1))
-    return v.view(np.uint8)
-
-
 @dataclass(frozen=True)
 class Encoded:
     """An encoded chunk and what stats need to know about it."""
@@ -141,17 +117,10 @@ def encode(raw: bytes | memoryview, width: int = 1, exp8: bool = False,
         raise ValueError(f"base chunk is {len(base)} bytes, chunk is {n}")
     if width not in (1, 2, 4, 8) or n % width:
         width, exp8 = 1, False
-    a = np.frombuffer(raw, dtype=np.uint8)
-    flags = delta
-    if delta == XOR:
-        a = a ^ np.frombuffer(base, dtype=np.uint8)
-    elif delta == SUB:
-        a = _zigzag_sub(a, np.frombuffer(base, dtype=np.uint8), width)
-    elif exp8 and width > 1:
-        a = _rotate(a, width, left=True)
-        flags |= FLAG_ROTL1
-    # one strided copy per plane: several times faster than a transpose of the whole chunk
-    planes = [np.ascontiguousarray(a[i::width]) for i in range(width)] if width > 1 else [a]
+    rot = bool(exp8 and width > 1 and delta == NONE)
+    flags = delta | (FLAG_ROTL1 if rot else 0)
+    # one fused pass (zipfs/codec/_planes.c): delta, rotation and the split into byte planes
+    planes = [np.frombuffer(p, dtype=np.uint8) for p in _planes.split(raw, width, rot, delta, base)]
     heads, bodies, methods = [], [], []
     for p in planes:
         if len(p) and p.min() == p.max():
@@ -173,8 +142,11 @@ def needs_base(payload: bytes | memoryview) -> bool:
     return len(payload) >= _HEAD.size and bool(payload[1] & (FLAG_XOR | FLAG_SUB))
 
 
-def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None) -> bytes:
-    """Decode a payload; raise CorruptChunkError on anything malformed."""
+def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None) -> memoryview:
+    """Decode a payload; raise CorruptChunkError on anything malformed.
+
+    Returns a read-only view of a fresh buffer (no final copy); it stays valid on its own.
+    """
     try:
         version, flags, width, _, n = _HEAD.unpack_from(payload, 0)
     except struct.error:
@@ -187,8 +159,7 @@ def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None) 
     pos = _HEAD.size + width * _PLANE.size
     if len(payload) < pos:
         raise CorruptChunkError("chunk payload is truncated")
-    out = np.empty(n, dtype=np.uint8)
-    cols = out.reshape(rows, width)  # planes are written straight into their interleaved places
+    planes = []
     for i in range(width):
         method, size = _PLANE.unpack_from(payload, _HEAD.size + i * _PLANE.size)
         body = payload[pos:pos + size]
@@ -196,9 +167,9 @@ def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None) 
         if len(body) != size:
             raise CorruptChunkError("chunk payload is truncated")
         if method == CONST and size == 1:
-            cols[:, i] = body[0]
+            planes.append(np.full(rows, body[0], dtype=np.uint8))
         elif method == RAW and size == rows:
-            cols[:, i] = np.frombuffer(body, dtype=np.uint8)
+            planes.append(body)
         elif method == ZSTD:
             try:
                 plain = _decompressor().decompress(body, max_output_size=rows) if rows else b""
@@ -206,17 +177,13 @@ def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None) 
                 raise CorruptChunkError(f"zstd plane does not decode: {e}") from None
             if len(plain) != rows:
                 raise CorruptChunkError("zstd plane has the wrong length")
-            cols[:, i] = np.frombuffer(plain, dtype=np.uint8)
+            planes.append(plain)
         else:
             raise CorruptChunkError(f"plane {i} has invalid method {method} or size {size}")
     if pos != len(payload):
         raise CorruptChunkError("chunk payload has trailing bytes")
-    a = out
-    if flags & FLAG_ROTL1:
-        a = _rotate(a, width, left=False)
-    if delta:
-        if base is None or len(base) != n:
-            raise CorruptChunkError("delta chunk decoded without its base chunk")
-        b = np.frombuffer(base, dtype=np.uint8)
-        a = a ^ b if delta == FLAG_XOR else _zigzag_add(a, b, width)
-    return a.tobytes()
+    if delta and (base is None or len(base) != n):
+        raise CorruptChunkError("delta chunk decoded without its base chunk")
+    out = np.empty(n, dtype=np.uint8)
+    _planes.merge(out, planes, width, bool(flags & FLAG_ROTL1), delta, base if delta else None)
+    return memoryview(out).toreadonly()

@@ -14,10 +14,10 @@ class ChunkCache:
         self.size = 0
         self.hits = 0
         self.misses = 0
-        self._data: OrderedDict[int, bytes] = OrderedDict()
+        self._data: OrderedDict[int, bytes | memoryview] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: int) -> bytes | None:
+    def get(self, key: int) -> bytes | memoryview | None:
         with self._lock:
             value = self._data.get(key)
             if value is None:
@@ -27,7 +27,7 @@ class ChunkCache:
             self.hits += 1
             return value
 
-    def put(self, key: int, value: bytes) -> None:
+    def put(self, key: int, value: bytes | memoryview) -> None:
         if len(value) > self.capacity:
             return
         with self._lock:

@@ -28,7 +28,7 @@ class ChunkSource:
         self.decoded = 0
         self.decoded_bytes = 0
 
-    def get(self, chunk_id: int) -> bytes:
+    def get(self, chunk_id: int) -> bytes | memoryview:
         hit = self.cache.get(chunk_id)
         if hit is not None:
             return hit
@@ -45,22 +45,23 @@ class ChunkSource:
             raise CorruptChunkError(f"base chunk {base_id} is shorter than a delta needs")
         return widen.widen(memoryview(base)[off:off + need], xform)
 
-    def _decode(self, chunk_id: int, allow_delta: bool) -> bytes:
+    def _decode(self, chunk_id: int, allow_delta: bool) -> memoryview:
         with self.store.read() as txn:
             rec = self.store.chunk(txn, chunk_id)
-            payload = bytes(self.store.payload(txn, chunk_id))
         base = None
-        if rec.base:
+        if rec.base:  # fetched first: one read transaction per thread at a time
             if not allow_delta:
                 raise CorruptChunkError(
                     f"chunk {chunk_id} is a delta of a delta (base {rec.base}): store is inconsistent")
             base = self.base_bytes(rec.base, rec.base_off, rec.base_xform, rec.raw_len)
-        elif codec.needs_base(payload):
-            raise CorruptChunkError(f"chunk {chunk_id} is a delta but its record names no base")
-        try:
-            data = codec.decode(payload, base)
-        except CorruptChunkError as e:
-            raise CorruptChunkError(f"chunk {chunk_id}: {e}") from None
+        with self.store.read() as txn:
+            payload = self.store.payload(txn, chunk_id)  # decoded straight from the map
+            if not rec.base and codec.needs_base(payload):
+                raise CorruptChunkError(f"chunk {chunk_id} is a delta but its record names no base")
+            try:
+                data = codec.decode(payload, base)
+            except CorruptChunkError as e:
+                raise CorruptChunkError(f"chunk {chunk_id}: {e}") from None
         if len(data) != rec.raw_len or codec.checksum(data) != rec.checksum:
             raise CorruptChunkError(f"chunk {chunk_id}: checksum mismatch, stored data is corrupt")
         with self._lock:
