@@ -181,6 +181,66 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rm(args: argparse.Namespace) -> int:
+    from zipfs.store.lifecycle import remove
+
+    with _open(args) as store:
+        r = remove(store, args.names)
+    print(f"removed {r.files} files, {r.dirs} directories ({human(r.logical_bytes)})"
+          + (f"; models: {', '.join(r.models)}" if r.models else ""))
+    for base, deps in r.still_needed.items():
+        print(f"note: {base} is the base of {', '.join(deps)}: the chunks they need stay stored "
+              f"until they are removed too")
+    print("run 'zipfs gc' to free unreferenced chunks")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from zipfs.store.lifecycle import gc
+
+    with _open(args) as store:
+        r = gc(store)
+    print(f"freed {r.chunks} chunks, {human(r.bytes)} (run 'zipfs compact' to shrink the file)")
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from zipfs.store.fsck import fsck
+
+    with _open(args) as store:
+        r = fsck(store, scrub=args.scrub, repair=args.repair)
+    for p in r.problems:
+        print(f"PROBLEM  {p}")
+    for p in r.repaired:
+        print(f"repaired {p}")
+    print(f"{r.files} files, {r.chunks} chunks ({r.garbage} unreferenced), "
+          f"{r.scrubbed} scrubbed, {len(r.problems)} problems")
+    return 0 if r.clean or (args.repair and r.repaired) else 1
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from zipfs.store.compact import compact
+
+    r = compact(Path(args.store or default_store_path()))
+    print(f"store file {human(r.before)} -> {human(r.after)}")
+    return 0
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    from zipfs.store.usage import usage
+
+    with _open(args) as store:
+        rows = usage(store)
+    if args.json:
+        print(json.dumps([vars(u) for u in rows], indent=2))
+        return 0
+    print(f"{'model':<40} {'files':>5} {'logical':>10} {'stored':>10} {'rm frees':>10}")
+    for u in rows:
+        print(f"{u.name:<40} {u.files:>5} {human(u.logical):>10} {human(u.shared_stored):>10} "
+              f"{human(u.freed_by_rm):>10}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zipfs", description=__doc__)
     p.add_argument("--store", help="store directory (default $ZIPFS_STORE or ~/.local/share/zipfs)")
@@ -220,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--mount", metavar="MNT", help="live statistics of a mounted store instead")
 
+    sp = add("rm", cmd_rm, "remove files, directories or models (chunks are freed by gc)")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+
+    add("gc", cmd_gc, "free chunks nothing references (safe while mounted or ingesting)")
+
+    sp = add("fsck", cmd_fsck, "check reference counts and records; --scrub decodes every chunk")
+    sp.add_argument("--scrub", action="store_true", help="decode every chunk and check its checksum")
+    sp.add_argument("--repair", action="store_true", help="fix reference counts and orphans")
+
+    add("compact", cmd_compact, "shrink the store file to its live data (not while mounted)")
+
+    sp = add("du", cmd_du, "per model: logical size, stored size (sharing split), what rm would free")
+    sp.add_argument("--json", action="store_true")
+
     sp = add("mount", cmd_mount, "serve the store as plain files at MOUNTPOINT (FUSE)")
     sp.add_argument("mountpoint")
     sp.add_argument("-f", "--foreground", action="store_true", help="do not go to the background")
@@ -258,7 +332,8 @@ def fstab_argv(argv: list[str]) -> list[str]:
     return out
 
 
-COMMANDS = {"ingest", "ls", "cat", "export", "verify", "stats", "mount", "umount"}
+COMMANDS = {"ingest", "ls", "cat", "export", "verify", "stats", "rm", "gc", "fsck", "compact", "du",
+            "mount", "umount"}
 
 
 def main(argv: list[str] | None = None) -> int:

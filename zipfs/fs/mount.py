@@ -131,7 +131,8 @@ def serve(opts: MountOptions, ready: Callable[[str], None] = lambda _: None) -> 
     ready("ok")
     sd_notify("READY=1")
     try:
-        trio.run(_serve, ops, opts)
+        with store.mount_lock():
+            trio.run(_serve, ops, opts)
     except KeyboardInterrupt:
         pass
     finally:

@@ -30,6 +30,7 @@ from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, plan_file
 from zipfs.read.chunks import ChunkSource
 from zipfs.store import names
 from zipfs.store import records as rec
+from zipfs.store.lifecycle import add_refs
 from zipfs.store.lmdb_store import Store
 from zipfs.store.records import ChunkRecord, FileRecord, TensorEntry, key_u64, u64key
 
@@ -83,16 +84,6 @@ def _next_id(txn: lmdb.Transaction, store: Store, key: bytes) -> int:
     n = int(raw) if raw is not None else 1
     txn.put(key, str(n + 1).encode(), db=store.db["meta"])
     return n
-
-
-def add_refs(txn: lmdb.Transaction, store: Store, counts: Counter[int], sign: int = 1) -> None:
-    """Add (or with sign=-1 remove) references to chunks; a chunk at zero waits for gc."""
-    for cid, n in counts.items():
-        cr = store.chunk(txn, cid)
-        cr.refs += sign * n
-        if cr.refs < 0:
-            raise ZipfsError(f"chunk {cid} reference count would go negative: run fsck")
-        txn.put(u64key(cid), cr.pack(), db=store.db["chunks"])
 
 
 def iter_source_files(src: Path) -> Iterator[tuple[Path, str]]:

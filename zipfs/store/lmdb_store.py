@@ -4,6 +4,7 @@ Layout of a store directory:
     lmdb/        LMDB data.mdb + lock.mdb
     ingest.lock  flock: ingests hold it shared, gc exclusive (chunks of an unfinished ingest
                  have no references yet and must not be collected)
+    mount.lock   flock: mounts hold it shared, compact exclusive
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import lmdb
@@ -85,14 +86,26 @@ class Store:
             yield txn
 
     @contextmanager
-    def ingest_lock(self, exclusive: bool = False) -> Iterator[None]:
-        """Ingests share this lock; gc takes it exclusively."""
-        fd = os.open(self.path / "ingest.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    def flock(self, name: str, exclusive: bool = False, wait: bool = True) -> Iterator[None]:
+        """An advisory lock file in the store; StoreError when busy and not waiting."""
+        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+                fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"store {self.path} is in use ({name} is held)") from None
             yield
         finally:
             os.close(fd)
+
+    def ingest_lock(self, exclusive: bool = False) -> AbstractContextManager[None]:
+        """Ingests share this lock; gc takes it exclusively (unreferenced new chunks stay)."""
+        return self.flock("ingest.lock", exclusive)
+
+    def mount_lock(self, exclusive: bool = False, wait: bool = True) -> AbstractContextManager[None]:
+        """Mounts share this lock while mounted; compact takes it exclusively."""
+        return self.flock("mount.lock", exclusive, wait)
 
     # ---- read helpers (take a transaction so callers control its lifetime) ----
 

@@ -1,0 +1,48 @@
+"""Reclaim LMDB free space: a compacting copy, then an atomic swap of the data file.
+
+LMDB never shrinks its file; pages freed by rm + gc are reused but not returned. The copy
+(mdb_env_copy2 with MDB_CP_COMPACT) writes only live pages; os.replace swaps it in atomically,
+so a crash leaves either the old or the new file, both complete. Refused while mounted or
+while anything else uses the store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from zipfs.store.lmdb_store import Store
+
+
+@dataclass
+class CompactResult:
+    before: int
+    after: int
+
+
+def compact(path: Path) -> CompactResult:
+    store = Store(path, create=False)
+    data = store.path / "lmdb" / "data.mdb"
+    tmp = store.path / "lmdb.compact"
+    try:
+        with store.mount_lock(exclusive=True, wait=False), store.flock("ingest.lock", True, wait=False):
+            before = data.stat().st_size
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            store.env.copy(str(tmp), compact=True)
+            new = tmp / "data.mdb"
+            with open(new, "rb") as f:
+                os.fsync(f.fileno())
+            store.close()
+            os.replace(new, data)
+            dirfd = os.open(data.parent, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+            return CompactResult(before, data.stat().st_size)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        store.close()

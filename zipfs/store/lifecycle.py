@@ -1,0 +1,144 @@
+"""Removing names and freeing what nothing references.
+
+`rm` drops names and their references in one transaction; chunk payloads stay until `gc`. A
+delta chunk holds a reference on its base chunk, so a removed base model's chunks that a
+fine-tune still needs stay stored until the fine-tune is removed too. `gc` takes the ingest lock
+exclusively: chunks an unfinished ingest has written have no references yet and must stay.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import lmdb
+
+from zipfs.errors import NotFoundError, ZipfsError
+from zipfs.store import names
+from zipfs.store.lmdb_store import Store
+from zipfs.store.records import ChunkRecord, key_u64, ns_file_id, u64key
+
+
+@dataclass
+class RemoveResult:
+    files: int = 0
+    dirs: int = 0
+    logical_bytes: int = 0
+    models: list[str] = field(default_factory=list)
+    #: removed models that other models still use as base: {base: [dependents]}
+    still_needed: dict[str, list[str]] = field(default_factory=dict)
+
+
+def add_refs(txn: lmdb.Transaction, store: Store, counts: Counter[int], sign: int = 1) -> None:
+    """Add (or with sign=-1 remove) references to chunks; a chunk at zero waits for gc."""
+    for cid, n in counts.items():
+        cr = store.chunk(txn, cid)
+        cr.refs += sign * n
+        if cr.refs < 0:
+            raise ZipfsError(f"chunk {cid} reference count would go negative: run zipfs fsck")
+        txn.put(u64key(cid), cr.pack(), db=store.db["chunks"])
+
+
+def remove(store: Store, targets: list[str]) -> RemoveResult:
+    """Remove files, directories or whole models, all in one transaction."""
+    paths = [names.normalize(t) for t in targets]
+    if "" in paths:
+        raise ZipfsError("refusing to remove the whole store; name what to remove")
+
+    def op(txn: lmdb.Transaction) -> RemoveResult:
+        res = RemoveResult()
+        db = store.db
+        refs: Counter[int] = Counter()
+        for path in paths:
+            entries = list(store.walk(txn, path))  # NotFoundError when absent
+            for p, fid in entries:
+                if fid is not None:
+                    rec = store.file(txn, fid)
+                    refs.update(rec.chunk_ids.tolist())
+                    txn.delete(u64key(fid), db=db["files"])
+                    res.files += 1
+                    res.logical_bytes += rec.size
+                else:
+                    res.dirs += 1
+                txn.delete(names.encode(p), db=db["ns"])
+        add_refs(txn, store, refs, sign=-1)
+        models = {bytes(k).decode("utf-8", "surrogateescape"): json.loads(bytes(v))
+                  for k, v in txn.cursor(db=db["models"])}
+        for m in models:
+            if any(m == p or m.startswith(p + "/") for p in paths):
+                txn.delete(names.encode(m), db=db["models"])
+                res.models.append(m)
+        for m, rec in models.items():
+            if rec.get("base") in res.models and m not in res.models:
+                res.still_needed.setdefault(rec["base"], []).append(m)
+        return res
+
+    try:
+        return store.writer.call(op)
+    except NotFoundError:
+        raise
+    except KeyError as e:
+        raise ZipfsError(f"store is inconsistent: {e}; run zipfs fsck") from None
+
+
+@dataclass
+class GcResult:
+    chunks: int = 0
+    bytes: int = 0
+
+
+def gc(store: Store, batch: int = 1024) -> GcResult:
+    """Free every chunk with no references, with its payload and hash index entry.
+
+    Freeing a delta chunk drops its reference on its base chunk, which may then be freed too;
+    passes repeat until nothing is left. Work is done in batches of transactions.
+    """
+    res = GcResult()
+    with store.ingest_lock(exclusive=True):
+        while True:
+            with store.read() as txn:
+                dead = [cid for cid, cr in store.iter_chunks(txn) if cr.refs == 0][:batch]
+            if not dead:
+                return res
+
+            def op(txn: lmdb.Transaction, dead: list[int] = dead) -> tuple[int, int]:
+                n = freed = 0
+                bases: Counter[int] = Counter()
+                for cid in dead:
+                    raw = txn.get(u64key(cid), db=store.db["chunks"])
+                    if raw is None:
+                        continue
+                    cr = ChunkRecord.unpack(raw)
+                    if cr.refs:  # referenced again meanwhile
+                        continue
+                    txn.delete(u64key(cid), db=store.db["chunks"])
+                    txn.delete(u64key(cid), db=store.db["payloads"])
+                    hit = txn.get(cr.hash, db=store.db["chunkhash"])
+                    if hit is not None and key_u64(bytes(hit)) == cid:
+                        txn.delete(cr.hash, db=store.db["chunkhash"])
+                    if cr.base:
+                        bases[cr.base] += 1
+                    n += 1
+                    freed += cr.stored_len
+                add_refs(txn, store, bases, sign=-1)
+                return n, freed
+
+            n, freed = store.writer.call(op)
+            res.chunks += n
+            res.bytes += freed
+            if n == 0:
+                return res
+
+
+def expected_refs(store: Store, txn: lmdb.Transaction) -> Counter[int]:
+    """Reference counts recomputed from file records and delta bases (used by fsck)."""
+    counts: Counter[int] = Counter()
+    for _, v in txn.cursor(db=store.db["ns"]):
+        fid = ns_file_id(v)
+        if fid is not None:
+            counts.update(store.file(txn, fid).chunk_ids.tolist())
+    for _, cr in store.iter_chunks(txn):
+        if cr.base:
+            counts[cr.base] += 1
+    return counts
