@@ -178,6 +178,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for kind, d in s.by_kind.items():
         print(f"  {kind:<12} {d['chunks']:>8} chunks  {human(d['raw_bytes']):>10} -> "
               f"{human(d['stored_bytes']):>10}")
+    if s.models:
+        print(f"models (as ingested)\n  {'model':<36} {'base':<28} {'size':>10} {'added':>10} ratio")
+        for name, m in sorted(s.models.items()):
+            size, new = m["size"] or 0, m["new_bytes"] or 0
+            print(f"  {name:<36} {m['base'] or '-':<28} {human(size):>10} {human(new):>10} "
+                  f"{new / max(size, 1):.3f}")
     return 0
 
 
@@ -302,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     sp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sp.add_argument("--log-file", help="log here (a background mount logs nowhere otherwise)")
-    sp.add_argument("--readahead-kb", type=int, default=None,
-                    help="as root, set the mount's read_ahead_kb (1024 gives 1 MiB reads)")
+    sp.add_argument("--readahead-kb", type=int, default=1024 if os.geteuid() == 0 else None,
+                    help="set the mount's bdi read_ahead_kb, as root (default 1024: 1 MiB reads)")
 
     sp = add("umount", cmd_umount, "unmount a zipfs mount")
     sp.add_argument("mountpoint")

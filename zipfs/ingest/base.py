@@ -188,12 +188,6 @@ def stored_index(store: Store, model: str) -> dict[str, BaseTensor]:
     return out
 
 
-def stored_models(store: Store) -> dict[str, dict]:
-    with store.read() as txn:
-        return {bytes(k).decode(): json.loads(bytes(v))
-                for k, v in txn.cursor(db=store.db["models"])}
-
-
 def _score(store: Store, source: ChunkSource, local: dict[str, LocalTensor],
            choice: BaseChoice) -> tuple[float, float]:
     """(overlap, delta/standalone ratio on sampled chunks) of a candidate base."""
@@ -235,7 +229,8 @@ def choose_base(store: Store, model: str, files: list[tuple[Path, str]], root: P
     local = local_tensors(files)
     if not local:
         return BaseChoice(None, "no safetensors tensors")
-    models = stored_models(store)
+    with store.read() as txn:
+        models = store.models(txn)
     models.pop(model, None)
     if forced is not None:
         if forced not in models:

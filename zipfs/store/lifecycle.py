@@ -8,7 +8,6 @@ exclusively: chunks an unfinished ingest has written have no references yet and 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -63,8 +62,7 @@ def remove(store: Store, targets: list[str]) -> RemoveResult:
                     res.dirs += 1
                 txn.delete(names.encode(p), db=db["ns"])
         add_refs(txn, store, refs, sign=-1)
-        models = {bytes(k).decode("utf-8", "surrogateescape"): json.loads(bytes(v))
-                  for k, v in txn.cursor(db=db["models"])}
+        models = store.models(txn)
         for m in models:
             if any(m == p or m.startswith(p + "/") for p in paths):
                 txn.delete(names.encode(m), db=db["models"])

@@ -10,6 +10,7 @@ Layout of a store directory:
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -182,6 +183,10 @@ class Store:
                 continue
             yield names.decode(rest), ns_file_id(cur.value())
             ok = cur.next()
+
+    def models(self, txn: lmdb.Transaction) -> dict[str, dict]:
+        """Model records by name: base, why it was chosen, sizes at ingest."""
+        return {names.decode(k): json.loads(bytes(v)) for k, v in txn.cursor(db=self.db["models"])}
 
     def iter_chunks(self, txn: lmdb.Transaction) -> Iterator[tuple[int, ChunkRecord]]:
         for k, v in txn.cursor(db=self.db["chunks"]):

@@ -22,6 +22,8 @@ class Stats:
     #: size of the LMDB data file on disk (allocated blocks)
     disk_bytes: int = 0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: per model: its base, logical size, bytes it added, delta chunks
+    models: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -53,6 +55,8 @@ def compute(store: Store) -> Stats:
             counts[kind] += 1
             raw[kind] += cr.raw_len
             stored[kind] += cr.stored_len
+        keys = ("base", "size", "new_bytes", "delta_chunks", "reason")
+        s.models = {name: {k: rec.get(k) for k in keys} for name, rec in store.models(txn).items()}
     s.by_kind = {k: {"chunks": counts[k], "raw_bytes": raw[k], "stored_bytes": stored[k]}
                  for k in sorted(counts)}
     data = store.path / "lmdb" / "data.mdb"

@@ -38,8 +38,7 @@ def _owner(path: str, models: set[str]) -> str:
 
 def usage(store: Store) -> list[ModelUsage]:
     with store.read() as txn:
-        models = {bytes(k).decode("utf-8", "surrogateescape") for k in
-                  txn.cursor(db=store.db["models"]).iternext(values=False)}
+        models = set(store.models(txn))
         out: dict[str, ModelUsage] = {}
         file_refs: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for path, fid in store.walk(txn):
