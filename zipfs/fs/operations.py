@@ -260,7 +260,9 @@ class Operations(pyfuse3.Operations):
             self.stats.prefetch_queued += 1
             if len(self._prefetch_q) > self._prefetch_max:  # stale entries go first
                 self._prefetch_set.discard(self._prefetch_q.popleft())
+        # wake every idle worker, then give later waits a fresh event
         self._prefetch_wake.set()
+        self._prefetch_wake = trio.Event()
 
     def _plan_prefetch(self, h: Handle, off: int, size: int) -> None:
         end = off + size
@@ -277,7 +279,6 @@ class Operations(pyfuse3.Operations):
         """Decode queued chunks into the cache; several of these run for the mount's lifetime."""
         while True:
             if not self._prefetch_q:
-                self._prefetch_wake = trio.Event()
                 await self._prefetch_wake.wait()
                 continue
             cid = self._prefetch_q.popleft()

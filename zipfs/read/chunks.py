@@ -48,6 +48,11 @@ class ChunkSource:
     def _decode(self, chunk_id: int, allow_delta: bool) -> memoryview:
         with self.store.read() as txn:
             rec = self.store.chunk(txn, chunk_id)
+            # start reading this payload (and its base's) from disk before decoding either
+            views = [self.store.payload(txn, chunk_id)]
+            if rec.base and rec.base not in self.cache:
+                views.append(self.store.payload(txn, rec.base))
+            self.store.willneed(*views)
         base = None
         if rec.base:  # fetched first: one read transaction per thread at a time
             if not allow_delta:
