@@ -82,6 +82,8 @@ class Operations(pyfuse3.Operations):
         self.cache = source.cache
         self.workers = workers
         self.limiter = trio.CapacityLimiter(workers)
+        #: prefetch decodes in its own threads: a demand read never waits for a prefetch's token
+        self.prefetch_limiter = trio.CapacityLimiter(workers)
         self.stats = MountStats()
         self._inflight: dict[int, _Job] = {}
         self._handles: dict[int, Handle] = {}
@@ -232,12 +234,14 @@ class Operations(pyfuse3.Operations):
         self._plan_prefetch(h, off, len(out))
         return out
 
-    async def _chunk(self, cid: int) -> bytes:
+    async def _chunk(self, cid: int, limiter: trio.CapacityLimiter | None = None) -> bytes:
+        """Decoded chunk cid; concurrent callers share one decode job."""
         job = self._inflight.get(cid)
         if job is None:
             job = self._inflight[cid] = _Job()
             try:
-                job.result = await trio.to_thread.run_sync(self.source.get, cid, limiter=self.limiter)
+                job.result = await trio.to_thread.run_sync(self.source.get, cid,
+                                                            limiter=limiter or self.limiter)
             except ZipfsError as e:
                 job.error = e
             finally:
@@ -286,7 +290,7 @@ class Operations(pyfuse3.Operations):
             if cid in self._inflight or cid in self.cache:
                 continue
             try:
-                await self._chunk(cid)
+                await self._chunk(cid, self.prefetch_limiter)
                 self.stats.prefetch_decoded += 1
             except ZipfsError as e:  # a demand read of it reports the error to its reader
                 log.warning("prefetch of chunk %d failed: %s", cid, e)
