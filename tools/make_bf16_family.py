@@ -45,7 +45,7 @@ def training_text() -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def save(model, tokenizer, dest: Path) -> None:  # noqa: ANN001 - transformers objects
+def save(model: object, tokenizer: object, dest: Path) -> None:
     import torch
 
     tmp = dest.with_name(dest.name + ".tmp")

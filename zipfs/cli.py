@@ -9,7 +9,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm import tqdm
+
 from zipfs.errors import ZipfsError
+from zipfs.ingest.ingester import FileReport, Ingester
 from zipfs.read import export as export_mod
 from zipfs.read.reader import Reader
 from zipfs.store import stats as stats_mod
@@ -28,15 +31,15 @@ def _open(args: argparse.Namespace, create: bool = False) -> Store:
     return Store(args.store or default_store_path(), create=create)
 
 
-def _progress_bar(total: int):  # noqa: ANN202 - tqdm or None
+def _progress_bar(total: int) -> tqdm | None:
+    """A byte progress bar on a terminal; None when stderr is not one."""
     if not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
 
-def _file_line(r) -> str:  # noqa: ANN001 - a FileReport
+def _file_line(r: FileReport) -> str:
     msg = (f"{r.name}: {human(r.size)} -> {human(r.new_bytes)} new "
            f"({r.new_bytes / max(r.size, 1):.3f}), {r.kind}, {r.reused_chunks}/{r.chunks} chunks reused, "
            f"{r.delta_chunks} deltas, {r.size / max(r.seconds, 1e-9) / 1e6:.0f} MB/s")
@@ -44,7 +47,6 @@ def _file_line(r) -> str:  # noqa: ANN001 - a FileReport
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from zipfs.ingest.ingester import Ingester
     from zipfs.ingest.model import ingest_model, plan_sources
 
     if args.name and len(args.paths) > 1:

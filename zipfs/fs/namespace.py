@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from zipfs.errors import NotFoundError
+from zipfs.errors import NotFoundError, ZipfsError
 from zipfs.read.reader import FileLayout
 from zipfs.store import names
 from zipfs.store.lmdb_store import Store
@@ -94,7 +94,7 @@ class Namespace:
         base = self.dir_path(parent)
         try:
             path = names.normalize(f"{base}/{name}" if base else name)
-        except Exception:  # noqa: BLE001 - an unrepresentable name simply does not exist
+        except ZipfsError:  # an unrepresentable name simply does not exist
             return None
         with self.store.read() as txn:
             raw = txn.get(names.encode(path), db=self.store.db["ns"])
