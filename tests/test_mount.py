@@ -220,3 +220,25 @@ def test_systemd_notify_ready(family_store, tmp_path):
                 assert sock.recv(64) == b"STOPPING=1"
         finally:
             del os.environ["NOTIFY_SOCKET"]
+
+
+def test_unlink_and_rmdir_through_the_mount_remove_names(tmp_path, models, zipfs, store_path):
+    for role in ("minilm", "sre"):
+        assert zipfs("ingest", str(models[role]), "--name", role).code == 0
+    m = tmp_path / "m"
+    with mounted(store_path, m):
+        with pytest.raises(OSError) as e:
+            os.rmdir(m / "sre")
+        assert e.value.errno == errno.ENOTEMPTY
+        os.unlink(m / "sre/model.safetensors")
+        assert not (m / "sre/model.safetensors").exists()
+        for f in sorted((m / "sre").rglob("*"), reverse=True):
+            (f.rmdir if f.is_dir() else f.unlink)()
+        os.rmdir(m / "sre")
+        assert os.listdir(m) == ["minilm"]
+        with pytest.raises(OSError) as e:
+            (m / "minilm/new.json").write_text("{}")
+        assert e.value.errno == errno.EROFS
+    assert "sre" not in zipfs("ls").out
+    assert "sre" not in json.loads(zipfs("stats", "--json").out)["models"]
+    assert zipfs("gc").code == 0 and zipfs("fsck").code == 0 and zipfs("verify").code == 0

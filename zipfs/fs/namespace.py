@@ -34,7 +34,8 @@ class Entry:
 
     @property
     def mode(self) -> int:
-        return (stat.S_IFDIR | 0o555) if self.is_dir else (stat.S_IFREG | 0o444)
+        # directories are writable so that unlink/rmdir pass permission checks; file content is not
+        return (stat.S_IFDIR | 0o755) if self.is_dir else (stat.S_IFREG | 0o444)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""pyfuse3 operations on trio: a read-only view of the store.
+"""pyfuse3 operations on trio: the store as files (read-only content; names can be removed).
 
 One trio thread runs every handler, so nothing here blocks it: metadata reads and chunk decodes
 run in worker threads; a read whose chunks are all cached returns without awaiting. Concurrent
@@ -24,6 +24,7 @@ import trio
 from zipfs.errors import NotFoundError, ZipfsError
 from zipfs.fs.namespace import FILE_BIT, ROOT_INO, Entry, Namespace, OpenFile
 from zipfs.read.chunks import ChunkSource
+from zipfs.store.lifecycle import remove
 
 log = logging.getLogger("zipfs.mount")
 T = TypeVar("T")
@@ -295,10 +296,30 @@ class Operations(pyfuse3.Operations):
             except ZipfsError as e:  # a demand read of it reports the error to its reader
                 log.warning("prefetch of chunk %d failed: %s", cid, e)
 
-    # ---- everything that would write: this mount is read-only ----
+    # ---- removing names: the same operation as `zipfs rm` ----
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        entry = await self._thread(self.ns.lookup, parent_inode, os.fsdecode(name))
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if entry.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        await self._thread(remove, self.ns.store, [entry.path])
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        entry = await self._thread(self.ns.lookup, parent_inode, os.fsdecode(name))
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not entry.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if await self._thread(self.ns.listdir, entry.ino):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        await self._thread(remove, self.ns.store, [entry.path])
+
+    # ---- everything else that would write: stored files are read-only ----
 
     async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    create = mkdir = mknod = symlink = link = unlink = rmdir = rename = _read_only
+    create = mkdir = mknod = symlink = link = rename = _read_only
     write = setattr = setxattr = removexattr = _read_only

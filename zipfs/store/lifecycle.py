@@ -61,6 +61,8 @@ def remove(store: Store, targets: list[str]) -> RemoveResult:
                 else:
                     res.dirs += 1
                 txn.delete(names.encode(p), db=db["ns"])
+            if txn.delete(names.encode(path), db=db["ns"]):  # a directory: walk yields what is under it
+                res.dirs += 1
         add_refs(txn, store, refs, sign=-1)
         models = store.models(txn)
         for m in models:
