@@ -35,8 +35,8 @@ def fsck(store: Store, scrub: bool = False, repair: bool = False,
          progress: Callable[[int], None] | None = None) -> FsckReport:
     rep = FsckReport()
     with store.ingest_lock(exclusive=repair), store.read() as txn:
-        expected = expected_refs(store, txn)
         records = dict(store.iter_chunks(txn))
+        expected = expected_refs(store, txn, records)
         payload_ids = {key_u64(bytes(k)) for k in txn.cursor(db=store.db["payloads"]).iternext(values=False)}
         hash_index = {bytes(k): key_u64(bytes(v)) for k, v in txn.cursor(db=store.db["chunkhash"])}
         rep.files = sum(1 for _, fid in store.walk(txn) if fid is not None)

@@ -91,18 +91,17 @@ class GcResult:
 def gc(store: Store, batch: int = 1024) -> GcResult:
     """Free every chunk with no references, with its payload and hash index entry.
 
-    Freeing a delta chunk drops its reference on its base chunk, which may then be freed too;
-    passes repeat until nothing is left. Work is done in batches of transactions.
+    One scan finds the unreferenced chunks; they are freed in batches of transactions. Freeing a
+    delta chunk drops its reference on its base chunk; a base that reaches zero joins the queue.
     """
     res = GcResult()
     with store.ingest_lock(exclusive=True):
-        while True:
-            with store.read() as txn:
-                dead = [cid for cid, cr in store.iter_chunks(txn) if cr.refs == 0][:batch]
-            if not dead:
-                return res
+        with store.read() as txn:
+            queue = [cid for cid, cr in store.iter_chunks(txn) if cr.refs == 0]
+        while queue:
+            dead, queue = queue[:batch], queue[batch:]
 
-            def op(txn: lmdb.Transaction, dead: list[int] = dead) -> tuple[int, int]:
+            def op(txn: lmdb.Transaction, dead: list[int] = dead) -> tuple[int, int, list[int]]:
                 n = freed = 0
                 bases: Counter[int] = Counter()
                 for cid in dead:
@@ -122,23 +121,23 @@ def gc(store: Store, batch: int = 1024) -> GcResult:
                     n += 1
                     freed += cr.stored_len
                 add_refs(txn, store, bases, sign=-1)
-                return n, freed
+                return n, freed, [b for b in bases if store.chunk(txn, b).refs == 0]
 
-            n, freed = store.writer.call(op)
+            n, freed, cascaded = store.writer.call(op)
             res.chunks += n
             res.bytes += freed
-            if n == 0:
-                return res
+            queue += cascaded
+    return res
 
 
-def expected_refs(store: Store, txn: lmdb.Transaction) -> Counter[int]:
-    """Reference counts recomputed from file records and delta bases (used by fsck)."""
+def expected_refs(store: Store, txn: lmdb.Transaction, chunks: dict[int, ChunkRecord]) -> Counter[int]:
+    """Reference counts recomputed from file records and the delta bases of `chunks` (fsck)."""
     counts: Counter[int] = Counter()
     for _, v in txn.cursor(db=store.db["ns"]):
         fid = ns_file_id(v)
         if fid is not None:
             counts.update(store.file(txn, fid).chunk_ids.tolist())
-    for _, cr in store.iter_chunks(txn):
+    for cr in chunks.values():
         if cr.base:
             counts[cr.base] += 1
     return counts
