@@ -65,7 +65,7 @@ def test_malformed_safetensors_are_stored_opaque_and_exact(models, tmp_path, zip
 def test_crash_before_the_final_commit_leaves_nothing_visible(models, store_path, monkeypatch):
     src = models["sre"] / "model.safetensors"
 
-    def boom(self, path, frec):
+    def boom(self, *args):
         def op(txn):
             raise RuntimeError("simulated crash in the final commit")
         return op

@@ -15,8 +15,10 @@ from zipfs.errors import ZipfsError
 from zipfs.ingest.ingester import FileReport, Ingester
 from zipfs.read import export as export_mod
 from zipfs.read.reader import Reader
+from zipfs.store import staging
 from zipfs.store import stats as stats_mod
 from zipfs.store.lmdb_store import Store, default_store_path
+from zipfs.store.records import LINK, STAGED
 
 
 def human(n: float) -> str:
@@ -72,11 +74,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
     store = _open(args)
     with store, store.read() as txn:
         rows = []
-        for path, fid in store.walk(txn, args.path):
-            if fid is None:
+        journal = staging.records(txn, store)
+        for path, e in store.walk(txn, args.path):
+            if e.is_dir:
                 rows.append((path + "/", "", "", ""))
+            elif e.kind == LINK:
+                rows.append((f"{path} -> {os.fsdecode(e.target)}", "", "", "link"))
+            elif e.kind == STAGED:
+                size = journal[e.id].size if e.id in journal else 0
+                rows.append((path, human(size), "", "staged (not yet ingested)"))
             else:
-                rec = store.file(txn, fid)
+                rec = store.file(txn, e.id)
                 rows.append((path, human(rec.size), human(rec.new_bytes), rec.kind))
     width = max((len(r[0]) for r in rows), default=0)
     for path, size, stored, kind in rows:
@@ -136,7 +144,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         store=Path(args.store or default_store_path()), mountpoint=Path(args.mountpoint),
         foreground=args.foreground, cache_size=parse_size(args.cache_size),
         workers=args.workers or os.cpu_count() or 1, allow_other=args.allow_other,
-        log_level=args.log_level, log_file=args.log_file, readahead_kb=args.readahead_kb)
+        log_level=args.log_level, log_file=args.log_file, readahead_kb=args.readahead_kb,
+        staging_limit=parse_size(args.staging_limit),
+        ingest_workers=args.ingest_workers or MountOptions.ingest_workers)
     return mount(opts)
 
 
@@ -155,6 +165,29 @@ def mount_stats(mountpoint: str) -> dict:
         return json.loads(os.getxattr(mountpoint, "user.zipfs.stats"))
     except OSError as e:
         raise ZipfsError(f"{mountpoint}: not a zipfs mount ({e.strerror})") from None
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Report the mount's ingest backlog; with --wait, wait until it is drained."""
+    import time
+
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while True:
+        m = mount_stats(args.mountpoint)
+        backlog = m.get("queued", 0) + m.get("ingesting", 0)
+        if not args.wait or backlog == 0:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            raise ZipfsError(f"timed out with {backlog} files still to ingest")
+        time.sleep(0.2)
+    print(f"{backlog} files to ingest, {m.get('open_for_write', 0)} open for writing, "
+          f"{m.get('failed', 0)} failed, {human(m.get('staged_bytes', 0))} staged; "
+          f"{m.get('ingested_files', 0)} ingested since mount")
+    if m.get("failed"):
+        print("zipfs: some staged files failed to ingest: they stay staged and readable; "
+              "see the mount's log", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -176,6 +209,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"stored         {human(s.stored_bytes)} ({s.stored_bytes} bytes), ratio {s.ratio:.4f}")
     print(f"on disk        {human(s.disk_bytes)} (LMDB file)")
     print(f"garbage        {human(s.garbage_bytes)} (unreferenced; freed by gc)")
+    print(f"staged         {s.staged_files} files, {human(s.staged_bytes)} written through a mount, "
+          "not yet ingested")
     print(f"chunks         {s.chunks}, {s.reused_chunks} dedup hits at ingest")
     for kind, d in s.by_kind.items():
         print(f"  {kind:<12} {d['chunks']:>8} chunks  {human(d['raw_bytes']):>10} -> "
@@ -312,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--log-file", help="log here (a background mount logs nowhere otherwise)")
     sp.add_argument("--readahead-kb", type=int, default=1024 if os.geteuid() == 0 else None,
                     help="set the mount's bdi read_ahead_kb, as root (default 1024: 1 MiB reads)")
+    sp.add_argument("--staging-limit", default="16G",
+                    help="staged bytes above which writes wait for background ingest (default 16G)")
+    sp.add_argument("--ingest-workers", type=int, default=None,
+                    help="encoding threads of background ingest (default: half the cores)")
+
+    sp = add("sync", cmd_sync, "show a mount's ingest backlog; --wait until it is drained")
+    sp.add_argument("mountpoint")
+    sp.add_argument("--wait", action="store_true", help="wait until every closed file is ingested")
+    sp.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
 
     sp = add("umount", cmd_umount, "unmount a zipfs mount")
     sp.add_argument("mountpoint")
@@ -328,7 +372,8 @@ def fstab_argv(argv: list[str]) -> list[str]:
     opts = argv[argv.index("-o") + 1].split(",") if argv.index("-o") + 1 < len(argv) else []
     out = ["--store", pos[0], "mount", pos[1]]
     keyed = {"cache_size": "--cache-size", "workers": "--workers", "log_file": "--log-file",
-             "log_level": "--log-level", "readahead_kb": "--readahead-kb"}
+             "log_level": "--log-level", "readahead_kb": "--readahead-kb",
+             "staging_limit": "--staging-limit", "ingest_workers": "--ingest-workers"}
     for o in opts:
         key, _, value = o.partition("=")
         if key in keyed and value:
@@ -341,7 +386,7 @@ def fstab_argv(argv: list[str]) -> list[str]:
 
 
 COMMANDS = {"ingest", "ls", "cat", "export", "verify", "stats", "rm", "gc", "fsck", "compact", "du",
-            "mount", "umount"}
+            "mount", "umount", "sync"}
 
 
 def main(argv: list[str] | None = None) -> int:

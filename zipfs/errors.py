@@ -19,3 +19,11 @@ class StoreError(ZipfsError):
 
 class NotFoundError(ZipfsError):
     """A name does not exist in the store's namespace."""
+
+
+class NamespaceError(ZipfsError):
+    """A namespace change that POSIX refuses (exists, not empty, ...); carries the errno."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno

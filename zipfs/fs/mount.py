@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,11 @@ import trio
 
 from zipfs.errors import ZipfsError
 from zipfs.fs.namespace import Namespace
-from zipfs.fs.operations import Operations
+from zipfs.fs.writes import WritableOperations
+from zipfs.ingest.ingester import Ingester
 from zipfs.read.cache import ChunkCache
 from zipfs.read.chunks import ChunkSource
+from zipfs.store import staging
 from zipfs.store.lmdb_store import Store
 
 log = logging.getLogger("zipfs.mount")
@@ -43,6 +46,9 @@ class MountOptions:
     log_level: str = "INFO"
     log_file: str | None = None
     readahead_kb: int | None = None
+    #: staged bytes above which writes wait for background ingest to catch up
+    staging_limit: int = 16 << 30
+    ingest_workers: int = max(1, (os.cpu_count() or 1) // 2)
 
 
 def sd_notify(message: str) -> None:
@@ -84,10 +90,11 @@ def _setup_logging(opts: MountOptions) -> None:
     root.setLevel(opts.log_level.upper())
 
 
-async def _serve(ops: Operations, opts: MountOptions) -> None:
+async def _serve(ops: WritableOperations, opts: MountOptions) -> None:
     async with trio.open_nursery() as nursery:
         for _ in range(ops.workers):
             nursery.start_soon(ops.prefetch_worker)
+        nursery.start_soon(ops.ingest_worker)
 
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -100,6 +107,7 @@ async def _serve(ops: Operations, opts: MountOptions) -> None:
         if opts.readahead_kb:
             nursery.start_soon(trio.to_thread.run_sync, set_readahead, opts.mountpoint, opts.readahead_kb)
         await pyfuse3.main()
+        ops.ingester.cancelled.set()  # an ingest in progress stops; its file stays staged
         nursery.cancel_scope.cancel()
 
 
@@ -109,22 +117,48 @@ def serve(opts: MountOptions, ready: Callable[[str], None] = lambda _: None) -> 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a background start inherits SIG_IGN
     faulthandler.register(signal.SIGUSR1, file=sys.stderr if not opts.log_file else
                           open(opts.log_file, "a"), all_threads=True)  # noqa: SIM115 - lives as long as we do
+    said: list[str] = []
+
+    def ready_once(msg: str) -> None:
+        if not said:
+            said.append(msg)
+            ready(msg)
+
     try:
-        check_mountpoint(opts.mountpoint)
-        store = Store(opts.store, create=False)
+        _serve_store(opts, ready_once)
     except ZipfsError as e:
-        ready(str(e))
+        ready_once(str(e))
         raise
-    source = ChunkSource(store, ChunkCache(opts.cache_size))
-    ops = Operations(Namespace(store), source, opts.workers)
+
+
+def _serve_store(opts: MountOptions, ready: Callable[[str], None]) -> None:
+    check_mountpoint(opts.mountpoint)
+    store = Store(opts.store, create=False)
+    with ExitStack() as stack:
+        stack.callback(store.close)
+        try:
+            stack.enter_context(store.flock("staging.lock", exclusive=True, wait=False))
+        except ZipfsError:
+            raise ZipfsError(f"store {opts.store} is already mounted elsewhere "
+                             "(one mount at a time writes its staging area)") from None
+        recovered = staging.recover(store)
+        log.info("staging: %d files to ingest, %d moved to lost+found, %d cut to their acknowledged size",
+                 len(recovered.live), len(recovered.lost), len(recovered.truncated))
+        ingester = stack.enter_context(Ingester(store, workers=opts.ingest_workers))
+        source = ChunkSource(store, ChunkCache(opts.cache_size))
+        ops = WritableOperations(Namespace(store), source, opts.workers, ingester, opts.staging_limit,
+                                 recovered.live)
+        _run(ops, opts, ready)
+
+
+def _run(ops: WritableOperations, opts: MountOptions, ready: Callable[[str], None]) -> None:
+    store = ops.store
     fuse_opts = {"fsname=zipfs", "subtype=zipfs", "default_permissions"}
     if opts.allow_other:
         fuse_opts.add("allow_other")
     try:
         pyfuse3.init(ops, str(opts.mountpoint), fuse_opts)
     except RuntimeError as e:
-        store.close()
-        ready(f"cannot mount {opts.mountpoint}: {e}")
         raise ZipfsError(f"cannot mount {opts.mountpoint}: {e}") from None
     log.info("mounted %s on %s (cache %d MiB, %d workers)", opts.store, opts.mountpoint,
              opts.cache_size >> 20, opts.workers)
@@ -138,7 +172,6 @@ def serve(opts: MountOptions, ready: Callable[[str], None] = lambda _: None) -> 
     finally:
         sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)
-        store.close()
         log.info("unmounted %s", opts.mountpoint)
 
 

@@ -1,4 +1,4 @@
-"""pyfuse3 operations on trio: the store as files (read-only content; names can be removed).
+"""pyfuse3 operations on trio: the read path and metadata (writes: zipfs.fs.writes).
 
 One trio thread runs every handler, so nothing here blocks it: metadata reads and chunk decodes
 run in worker threads; a read whose chunks are all cached returns without awaiting. Concurrent
@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import stat
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,14 +26,16 @@ from zipfs.errors import NotFoundError, ZipfsError
 from zipfs.fs.namespace import FILE_BIT, ROOT_INO, Entry, Namespace, OpenFile
 from zipfs.read.chunks import ChunkSource
 from zipfs.store.lifecycle import remove
+from zipfs.store.records import FILE
 
 log = logging.getLogger("zipfs.mount")
 T = TypeVar("T")
 
-#: files are immutable once stored: the kernel may cache names and attributes for long
-ATTR_TIMEOUT = 300.0
-#: a missing name may appear (an ingest from the CLI while mounted): cache its absence briefly
-NEGATIVE_TIMEOUT = 5.0
+#: a stored file's inode never changes content (a new version is a new inode): cache it long
+STORED_ATTR_TIMEOUT = 300.0
+#: names can change under us (`zipfs ingest` or `rm` from the CLI while mounted); so can
+#: directories, links and staged files: the kernel revalidates them after this long
+ENTRY_TIMEOUT = 1.0
 #: the most a tensor-aware prefetch queues at once, in bytes
 TENSOR_PREFETCH_MAX = 64 << 20
 #: sequential read-ahead, in bytes, once a handle reads sequentially
@@ -112,7 +115,8 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = e.ino
         a.generation = 0
-        a.entry_timeout = a.attr_timeout = ATTR_TIMEOUT
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = STORED_ATTR_TIMEOUT if e.kind == FILE else ENTRY_TIMEOUT
         a.st_mode = e.mode
         a.st_nlink = 2 if e.is_dir else 1
         a.st_uid, a.st_gid = self._uid, self._gid
@@ -136,12 +140,12 @@ class Operations(pyfuse3.Operations):
             return await self.getattr(parent_inode, ctx)
         if text == "..":
             parent = self.ns.dir_path(parent_inode).rpartition("/")[0]
-            return self._attr(self.ns.dir_entry(parent))
+            return await self.getattr(self.ns.path_ino(parent), ctx)
         entry = await self._thread(self.ns.lookup, parent_inode, text)
         if entry is None:
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = 0
-            neg.entry_timeout = NEGATIVE_TIMEOUT
+            neg.entry_timeout = ENTRY_TIMEOUT
             return neg
         return self._attr(entry)
 
@@ -192,15 +196,22 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if inode == ROOT_INO:
             return [b"user.zipfs.stats"]
-        return [b"user.zipfs.state", b"user.zipfs.sha256"] if inode & FILE_BIT else []
+        kind = (await self.getattr(inode, ctx)).st_mode
+        return [b"user.zipfs.state", b"user.zipfs.sha256"] if stat.S_ISREG(kind) else []
+
+    def file_state(self, inode: int) -> str | None:
+        """user.zipfs.state of a file inode: stored, or (writable mounts) staged / ingesting."""
+        return "stored" if self.ns.resolve(inode) & FILE_BIT else None
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INO and name == b"user.zipfs.stats":
             return json.dumps(self.stats_json()).encode()
-        if inode & FILE_BIT and name == b"user.zipfs.state":
-            return b"stored"
-        if inode & FILE_BIT and name == b"user.zipfs.sha256":
-            return (await self._thread(self.ns.open, inode)).record.sha256.encode()
+        state = self.file_state(inode)
+        if state is not None and name == b"user.zipfs.state":
+            return state.encode()
+        if state == "stored" and name == b"user.zipfs.sha256":
+            sha = await self._thread(self.ns.sha256, inode)
+            return sha.encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     # ---- the read path ----
@@ -305,6 +316,7 @@ class Operations(pyfuse3.Operations):
         if entry.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         await self._thread(remove, self.ns.store, [entry.path])
+        self.removed(entry)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         entry = await self._thread(self.ns.lookup, parent_inode, os.fsdecode(name))
@@ -315,11 +327,8 @@ class Operations(pyfuse3.Operations):
         if await self._thread(self.ns.listdir, entry.ino):
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         await self._thread(remove, self.ns.store, [entry.path])
+        self.removed(entry)
 
-    # ---- everything else that would write: stored files are read-only ----
-
-    async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    create = mkdir = mknod = symlink = link = rename = _read_only
-    write = setattr = setxattr = removexattr = _read_only
+    def removed(self, entry: Entry) -> None:
+        """A name is gone from the store: forget what the mount kept about it."""
+        self.ns.forget(entry.path)

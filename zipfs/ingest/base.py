@@ -168,9 +168,7 @@ def stored_index(store: Store, model: str) -> dict[str, BaseTensor]:
     """Tensors of a stored model, by name, with their chunk ids."""
     out: dict[str, BaseTensor] = {}
     with store.read() as txn:
-        for _, fid in store.walk(txn, model):
-            if fid is None:
-                continue
+        for _, fid in store.stored_files(txn, model):
             rec = store.file(txn, fid)
             if rec.kind != "safetensors":
                 continue

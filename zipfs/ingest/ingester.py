@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -22,15 +23,16 @@ import blake3
 import lmdb
 import numpy as np
 
+from zipfs import faults
 from zipfs.codec import chunk as codec
 from zipfs.errors import ZipfsError
 from zipfs.formats.safetensors import Segment
 from zipfs.ingest.base import BaseRef, resolve_base
 from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, plan_file
 from zipfs.read.chunks import ChunkSource
-from zipfs.store import names
+from zipfs.store import names, staging
 from zipfs.store import records as rec
-from zipfs.store.lifecycle import add_refs
+from zipfs.store.lifecycle import add_refs, drop
 from zipfs.store.lmdb_store import Store
 from zipfs.store.records import ChunkRecord, FileRecord, TensorEntry, key_u64, u64key
 
@@ -39,6 +41,9 @@ DELTA_GOOD_ENOUGH = 0.5
 
 #: base refs for the chunks of one tensor of the file being ingested, or None
 BaseLookup = Callable[[Segment], "list[BaseRef] | None"]
+#: runs first in a file's commit transaction and returns the path to commit to; raising aborts
+#: the commit (a staged file that was removed or rewritten meanwhile)
+Claim = Callable[[lmdb.Transaction], str]
 
 
 @dataclass
@@ -54,6 +59,17 @@ class FileReport:
     delta_chunks: int
     new_bytes: int
     seconds: float
+    file_id: int = 0
+
+
+@dataclass
+class _Target:
+    """Where and as what one file is being stored."""
+
+    dest: str
+    model: str
+    base_lookup: BaseLookup | None
+    claim: Claim | None
 
 
 @dataclass
@@ -77,13 +93,6 @@ def _chunk_kind(enc: codec.Encoded, delta: int) -> int:
     if delta == codec.XOR:
         return rec.DELTA_XOR
     return rec.CONST if enc.is_const else rec.STANDALONE
-
-
-def _next_id(txn: lmdb.Transaction, store: Store, key: bytes) -> int:
-    raw = txn.get(key, db=store.db["meta"])
-    n = int(raw) if raw is not None else 1
-    txn.put(key, str(n + 1).encode(), db=store.db["meta"])
-    return n
 
 
 def iter_source_files(src: Path) -> Iterator[tuple[Path, str]]:
@@ -113,6 +122,8 @@ class Ingester:
         self.source = ChunkSource(store)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zipfs-encode")
         self._session = _Session()
+        #: set to stop an ingest in progress (a mount shutting down); the file is not committed
+        self.cancelled = threading.Event()
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -154,7 +165,7 @@ class Ingester:
             hit = txn.get(prep.hash, db=db["chunkhash"])
             if hit is not None:  # stored meanwhile by another ingest
                 return key_u64(bytes(hit))
-            cid = _next_id(txn, self.store, b"next_chunk")
+            cid = self.store.next_id(txn, b"next_chunk")
             txn.put(u64key(cid), prep.record.pack(), db=db["chunks"])
             txn.put(u64key(cid), prep.payload, db=db["payloads"])
             txn.put(prep.hash, u64key(cid), db=db["chunkhash"])
@@ -163,37 +174,37 @@ class Ingester:
             return cid
         return op
 
-    def _commit_file(self, path: str, frec: FileRecord) -> Callable[[lmdb.Transaction], int]:
+    def _commit_file(self, path: str, frec: FileRecord, dead: list[int],
+                     claim: Claim | None = None) -> Callable[[lmdb.Transaction], int]:
         def op(txn: lmdb.Transaction) -> int:
             db = self.store.db
-            for parent in names.parents(path):
-                entry = txn.get(names.encode(parent), db=db["ns"])
-                if entry is None:
-                    txn.put(names.encode(parent), rec.ns_dir(), db=db["ns"])
-                elif rec.ns_file_id(entry) is not None:
-                    raise ZipfsError(f"{path}: {parent} is a file in the store, not a directory")
-            old = txn.get(names.encode(path), db=db["ns"])
+            dest = claim(txn) if claim else path
+            staging.ensure_parents(txn, self.store, dest)
+            old = txn.get(names.encode(dest), db=db["ns"])
+            refs: Counter[int] = Counter()
+            dead.clear()
             if old is not None:
-                old_id = rec.ns_file_id(old)
-                if old_id is None:
-                    raise ZipfsError(f"{path}: is a directory in the store")
-                old_rec = self.store.file(txn, old_id)
-                add_refs(txn, self.store, Counter(old_rec.chunk_ids.tolist()), sign=-1)
-                txn.delete(u64key(old_id), db=db["files"])
-            fid = _next_id(txn, self.store, b"next_file")
-            add_refs(txn, self.store, Counter(frec.chunk_ids.tolist()))
+                entry = rec.ns_unpack(old)
+                if entry.is_dir:
+                    raise ZipfsError(f"{dest}: is a directory in the store")
+                drop(txn, self.store, dest, entry, refs, dead)
+            fid = self.store.next_id(txn, b"next_file")
+            faults.point("ingest-commit")
+            net = Counter(frec.chunk_ids.tolist())
+            net.subtract(refs)
+            add_refs(txn, self.store, Counter({c: n for c, n in net.items() if n}))
             txn.put(u64key(fid), frec.pack(), db=db["files"])
-            txn.put(names.encode(path), rec.ns_file(fid), db=db["ns"])
+            txn.put(names.encode(dest), rec.ns_file(fid), db=db["ns"])
             return fid
         return op
 
     # ---- driver ----
 
     def ingest_file(self, src: Path, dest: str, model: str = "",
-                    base_lookup: BaseLookup | None = None) -> FileReport:
-        """Store one file under `dest`; all-or-nothing."""
-        dest = names.normalize(dest)
-        if not dest:
+                    base_lookup: BaseLookup | None = None, claim: Claim | None = None) -> FileReport:
+        """Store one file under `dest` (or where `claim` says at commit time); all-or-nothing."""
+        target = _Target(names.normalize(dest), model, base_lookup, claim)
+        if not target.dest:
             raise ZipfsError("cannot store a file at the store root; give it a name")
         t0 = time.perf_counter()
         try:
@@ -206,26 +217,25 @@ class Ingester:
         try:
             view = memoryview(mm) if mm is not None else memoryview(b"")
             try:
-                return self._ingest_view(view, size, mtime_ns, dest, model, base_lookup, t0)
+                return self._ingest_view(view, size, mtime_ns, target, t0)
             finally:
                 view.release()
         finally:
             if mm is not None:
                 mm.close()
 
-    def _ingest_view(self, view: memoryview, size: int, mtime_ns: int, dest: str, model: str,
-                     base_lookup: BaseLookup | None, t0: float) -> FileReport:
+    def _ingest_view(self, view: memoryview, size: int, mtime_ns: int, target: _Target,
+                     t0: float) -> FileReport:
         sha = self._pool.submit(lambda: hashlib.sha256(view).hexdigest())
         try:
-            return self._encode_and_commit(view, size, mtime_ns, dest, model, base_lookup, t0, sha)
+            return self._encode_and_commit(view, size, mtime_ns, target, t0, sha)
         except BaseException:
             self._session.pending.clear()  # the hash index answers for what did get written
             raise
 
-    def _encode_and_commit(self, view: memoryview, size: int, mtime_ns: int, dest: str,
-                           model: str, base_lookup: BaseLookup | None, t0: float,
-                           sha: Future[str]) -> FileReport:
-        plan = plan_file(dest, view, size)
+    def _encode_and_commit(self, view: memoryview, size: int, mtime_ns: int, target: _Target,
+                           t0: float, sha: Future[str]) -> FileReport:
+        plan = plan_file(target.dest, view, size)
         window: deque[tuple[int, int, Future[_Prepared]]] = deque()  # (segment, raw length, job)
         offsets: list[int] = []
         ids: list[int | Future[int]] = []
@@ -249,11 +259,14 @@ class Ingester:
                 ids.append(f)
                 stats["new_bytes"] += len(prep.payload)
                 stats["delta"] += bool(prep.record.base)
+            faults.point("ingest-chunk")
+            if self.cancelled.is_set():
+                raise ZipfsError(f"{target.dest}: ingest cancelled")
             if self.progress:
                 self.progress(nbytes)
 
         for si, seg in enumerate(plan.segments):
-            refs = base_lookup(seg) if base_lookup and seg.tensor else None
+            refs = target.base_lookup(seg) if target.base_lookup and seg.tensor else None
             for ci, (s, e) in enumerate(chunk_ranges(seg, self.chunk_size)):
                 ref = refs[ci] if refs and ci < len(refs) else None
                 offsets.append(s)
@@ -275,10 +288,13 @@ class Ingester:
         frec = FileRecord(size=size, sha256=sha.result(), kind=plan.kind, mtime_ns=mtime_ns,
                           offsets=np.array(offsets, dtype=np.uint64), chunk_ids=chunk_ids,
                           tensors=tensors, note=plan.note, new_bytes=stats["new_bytes"],
-                          reused_chunks=stats["reused"], model=model)
-        self.store.writer.call(self._commit_file(dest, frec))
+                          reused_chunks=stats["reused"], model=target.model)
+        dead: list[int] = []
+        fid = self.store.writer.call(self._commit_file(target.dest, frec, dead, target.claim))
+        faults.point("ingest-committed")
+        staging.purge(self.store, dead)
         for hs in seg_hashes.values():  # committed: the store's hash index answers for them now
             for h in hs:
                 self._session.pending.pop(h, None)
-        return FileReport(dest, size, plan.kind, plan.note, len(ids), stats["reused"],
-                          stats["delta"], stats["new_bytes"], time.perf_counter() - t0)
+        return FileReport(target.dest, size, plan.kind, plan.note, len(ids), stats["reused"],
+                          stats["delta"], stats["new_bytes"], time.perf_counter() - t0, fid)

@@ -25,10 +25,9 @@ def files_under(reader: Reader, prefix: str) -> list[tuple[str, FileLayout, str]
     store = reader.store
     out = []
     with store.read() as txn:
-        for path, fid in store.walk(txn, prefix):
-            if fid is not None:
-                rec = store.file(txn, fid)
-                out.append((path, FileLayout.of(rec), rec.sha256))
+        for path, fid in store.stored_files(txn, prefix):
+            rec = store.file(txn, fid)
+            out.append((path, FileLayout.of(rec), rec.sha256))
     return out
 
 

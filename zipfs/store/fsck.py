@@ -39,7 +39,7 @@ def fsck(store: Store, scrub: bool = False, repair: bool = False,
         expected = expected_refs(store, txn, records)
         payload_ids = {key_u64(bytes(k)) for k in txn.cursor(db=store.db["payloads"]).iternext(values=False)}
         hash_index = {bytes(k): key_u64(bytes(v)) for k, v in txn.cursor(db=store.db["chunkhash"])}
-        rep.files = sum(1 for _, fid in store.walk(txn) if fid is not None)
+        rep.files = sum(1 for _ in store.stored_files(txn))
     rep.chunks = len(records)
     bad_refs: dict[int, int] = {}
     for cid, want in sorted(expected.items()):

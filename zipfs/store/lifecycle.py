@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from zipfs.errors import NotFoundError, ZipfsError
-from zipfs.store import names
+from zipfs.errors import ZipfsError
+from zipfs.store import names, staging
 from zipfs.store.lmdb_store import Store
-from zipfs.store.records import ChunkRecord, key_u64, ns_file_id, u64key
+from zipfs.store.records import STAGED, ChunkRecord, NsEntry, key_u64, u64key
 
 
 @dataclass
@@ -39,28 +39,42 @@ def add_refs(txn: lmdb.Transaction, store: Store, counts: Counter[int], sign: in
         txn.put(u64key(cid), cr.pack(), db=store.db["chunks"])
 
 
+def drop(txn: lmdb.Transaction, store: Store, path: str, e: NsEntry, refs: Counter[int],
+         dead: list[int]) -> int:
+    """Delete one namespace entry; collect the chunk references and staged files it held.
+
+    The caller drops `refs` and, after its commit, purges the `dead` staging files. Returns the
+    logical size of a stored file (0 for anything else).
+    """
+    txn.delete(names.encode(path), db=store.db["ns"])
+    if e.kind == STAGED:
+        staging.tombstone(txn, store, e.id)
+        dead.append(e.id)
+    if e.file_id is None:
+        return 0
+    rec = store.file(txn, e.file_id)
+    refs.update(rec.chunk_ids.tolist())
+    txn.delete(u64key(e.file_id), db=store.db["files"])
+    return rec.size
+
+
 def remove(store: Store, targets: list[str]) -> RemoveResult:
-    """Remove files, directories or whole models, all in one transaction."""
+    """Remove files, links, directories or whole models, all in one transaction."""
     paths = [names.normalize(t) for t in targets]
     if "" in paths:
         raise ZipfsError("refusing to remove the whole store; name what to remove")
+    dead: list[int] = []
 
     def op(txn: lmdb.Transaction) -> RemoveResult:
         res = RemoveResult()
+        dead.clear()
         db = store.db
         refs: Counter[int] = Counter()
         for path in paths:
-            entries = list(store.walk(txn, path))  # NotFoundError when absent
-            for p, fid in entries:
-                if fid is not None:
-                    rec = store.file(txn, fid)
-                    refs.update(rec.chunk_ids.tolist())
-                    txn.delete(u64key(fid), db=db["files"])
-                    res.files += 1
-                    res.logical_bytes += rec.size
-                else:
-                    res.dirs += 1
-                txn.delete(names.encode(p), db=db["ns"])
+            for p, e in list(store.walk(txn, path)):  # NotFoundError when absent
+                res.logical_bytes += drop(txn, store, p, e, refs, dead)
+                res.dirs += e.is_dir
+                res.files += not e.is_dir
             if txn.delete(names.encode(path), db=db["ns"]):  # a directory: walk yields what is under it
                 res.dirs += 1
         add_refs(txn, store, refs, sign=-1)
@@ -75,11 +89,11 @@ def remove(store: Store, targets: list[str]) -> RemoveResult:
         return res
 
     try:
-        return store.writer.call(op)
-    except NotFoundError:
-        raise
+        res = store.writer.call(op)
     except KeyError as e:
         raise ZipfsError(f"store is inconsistent: {e}; run zipfs fsck") from None
+    staging.purge(store, dead)
+    return res
 
 
 @dataclass
@@ -133,10 +147,8 @@ def gc(store: Store, batch: int = 1024) -> GcResult:
 def expected_refs(store: Store, txn: lmdb.Transaction, chunks: dict[int, ChunkRecord]) -> Counter[int]:
     """Reference counts recomputed from file records and the delta bases of `chunks` (fsck)."""
     counts: Counter[int] = Counter()
-    for _, v in txn.cursor(db=store.db["ns"]):
-        fid = ns_file_id(v)
-        if fid is not None:
-            counts.update(store.file(txn, fid).chunk_ids.tolist())
+    for _, fid in store.stored_files(txn):
+        counts.update(store.file(txn, fid).chunk_ids.tolist())
     for cr in chunks.values():
         if cr.base:
             counts[cr.base] += 1

@@ -5,6 +5,9 @@ Layout of a store directory:
     ingest.lock  flock: ingests hold it shared, gc exclusive (chunks of an unfinished ingest
                  have no references yet and must not be collected)
     mount.lock   flock: mounts hold it shared, compact exclusive
+    staging.lock flock: the one writable mount holds it exclusively
+    staging/     files written through the mount, named by staging id, until ingested
+    lost+found/  staging files recovery found without a journal record (never deleted silently)
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import numpy as np
 
 from zipfs.errors import NotFoundError, StoreError
 from zipfs.store import names
-from zipfs.store.records import ChunkRecord, FileRecord, key_u64, ns_file_id, u64key
+from zipfs.store.records import ChunkRecord, FileRecord, NsEntry, key_u64, ns_unpack, u64key
 from zipfs.store.writer import Writer
 
-SCHEMA_VERSION = 1
-DB_NAMES = ("meta", "ns", "files", "chunks", "payloads", "chunkhash", "models")
+#: 2 added staged files and symbolic links to the namespace, and the `staged` journal
+SCHEMA_VERSION = 2
+DB_NAMES = ("meta", "ns", "files", "chunks", "payloads", "chunkhash", "models", "staged")
 DEFAULT_MAP_SIZE = 1 << 40  # a sparse reservation, not disk use
 
 
@@ -63,10 +67,10 @@ class Store:
     def _check_schema(self) -> None:
         with self.env.begin(write=True) as txn:
             raw = txn.get(b"schema", db=self.db["meta"])
-            if raw is None:
+            version = int(raw) if raw is not None else 0
+            if version < SCHEMA_VERSION:  # older schemas are subsets of this one
                 txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self.db["meta"])
                 return
-        version = int(raw)
         if version > SCHEMA_VERSION:
             self.env.close()
             raise StoreError(
@@ -142,17 +146,24 @@ class Store:
         """Mounts share this lock while mounted; compact takes it exclusively."""
         return self.flock("mount.lock", exclusive, wait)
 
+    def next_id(self, txn: lmdb.Transaction, counter: bytes) -> int:
+        """Take the next number of a counter kept in the meta table (ids start at 1)."""
+        raw = txn.get(counter, db=self.db["meta"])
+        n = int(raw) if raw is not None else 1
+        txn.put(counter, str(n + 1).encode(), db=self.db["meta"])
+        return n
+
     # ---- read helpers (take a transaction so callers control its lifetime) ----
 
-    def lookup(self, txn: lmdb.Transaction, path: str) -> int | None:
-        """File id for path, None for a directory; NotFoundError when absent."""
+    def entry(self, txn: lmdb.Transaction, path: str) -> NsEntry:
+        """The namespace entry at path (the root is a directory); NotFoundError when absent."""
         path = names.normalize(path)
         if path == "":
-            return None
-        entry = txn.get(names.encode(path), db=self.db["ns"])
-        if entry is None:
+            return NsEntry(b"D")
+        raw = txn.get(names.encode(path), db=self.db["ns"])
+        if raw is None:
             raise NotFoundError(f"{path}: no such file or directory in the store")
-        return ns_file_id(entry)
+        return ns_unpack(raw)
 
     def file(self, txn: lmdb.Transaction, file_id: int) -> FileRecord:
         raw = txn.get(u64key(file_id), db=self.db["files"])
@@ -161,10 +172,11 @@ class Store:
         return FileRecord.unpack(raw)
 
     def file_at(self, txn: lmdb.Transaction, path: str) -> FileRecord:
-        fid = self.lookup(txn, path)
-        if fid is None:
-            raise NotFoundError(f"{names.normalize(path)}: is a directory")
-        return self.file(txn, fid)
+        e = self.entry(txn, path)
+        if e.file_id is None:
+            what = {b"D": "a directory", b"S": "still being ingested (staged)", b"L": "a symbolic link"}
+            raise NotFoundError(f"{names.normalize(path)}: is {what[e.kind]}, not a stored file")
+        return self.file(txn, e.file_id)
 
     def chunk(self, txn: lmdb.Transaction, chunk_id: int) -> ChunkRecord:
         raw = txn.get(u64key(chunk_id), db=self.db["chunks"])
@@ -178,8 +190,8 @@ class Store:
             raise StoreError(f"payload of chunk {chunk_id} is missing from the store")
         return raw
 
-    def walk(self, txn: lmdb.Transaction, prefix: str = "") -> Iterator[tuple[str, int | None]]:
-        """(path, file id or None for directories) of every entry under prefix, sorted."""
+    def walk(self, txn: lmdb.Transaction, prefix: str = "") -> Iterator[tuple[str, NsEntry]]:
+        """(path, entry) of everything under prefix, sorted; prefix itself when it is not a directory."""
         prefix = names.normalize(prefix)
         cur = txn.cursor(db=self.db["ns"])
         start = names.encode(prefix + "/") if prefix else b""
@@ -187,8 +199,8 @@ class Store:
             here = txn.get(names.encode(prefix), db=self.db["ns"])
             if here is None:
                 raise NotFoundError(f"{prefix}: no such file or directory in the store")
-            if ns_file_id(here) is not None:
-                yield prefix, ns_file_id(here)
+            if not ns_unpack(here).is_dir:
+                yield prefix, ns_unpack(here)
                 return
         if not cur.set_range(start):
             return
@@ -196,10 +208,16 @@ class Store:
             k = bytes(k)
             if not k.startswith(start):
                 break
-            yield names.decode(k), ns_file_id(v)
+            yield names.decode(k), ns_unpack(v)
 
-    def children(self, txn: lmdb.Transaction, path: str) -> Iterator[tuple[str, int | None]]:
-        """(name, file id or None) of the direct children of directory `path`, sorted.
+    def stored_files(self, txn: lmdb.Transaction, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(path, file id) of every stored file under prefix (staged files and links left out)."""
+        for path, e in self.walk(txn, prefix):
+            if e.file_id is not None:
+                yield path, e.file_id
+
+    def children(self, txn: lmdb.Transaction, path: str) -> Iterator[tuple[str, NsEntry]]:
+        """(name, entry) of the direct children of directory `path`, sorted.
 
         Deeper entries are skipped with one cursor seek per child directory, not walked.
         """
@@ -215,7 +233,7 @@ class Store:
             if slash >= 0:  # inside a child directory: jump past it
                 ok = cur.set_range(prefix + rest[:slash] + b"0")  # '0' sorts right after '/'
                 continue
-            yield names.decode(rest), ns_file_id(cur.value())
+            yield names.decode(rest), ns_unpack(cur.value())
             ok = cur.next()
 
     def models(self, txn: lmdb.Transaction) -> dict[str, dict]:

@@ -119,9 +119,37 @@ class FileRecord:
         )
 
 
-#: namespace entries: a directory, or a file pointing at its file id
+#: namespace entries: a directory, a stored file (its file id), a staged file written through the
+#: mount and not yet ingested (its staging id), or a symbolic link (its target)
 DIR = b"D"
 FILE = b"F"
+STAGED = b"S"
+LINK = b"L"
+
+
+@dataclass(frozen=True)
+class NsEntry:
+    """One namespace value, decoded."""
+
+    kind: bytes
+    id: int = 0  # file id (FILE) or staging id (STAGED)
+    target: bytes = b""  # LINK
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == DIR
+
+    @property
+    def file_id(self) -> int | None:
+        """The stored file's id, or None for anything else."""
+        return self.id if self.kind == FILE else None
+
+    def pack(self) -> bytes:
+        if self.kind == DIR:
+            return DIR
+        if self.kind == LINK:
+            return LINK + self.target
+        return self.kind + u64key(self.id)
 
 
 def ns_dir() -> bytes:
@@ -132,11 +160,19 @@ def ns_file(file_id: int) -> bytes:
     return FILE + u64key(file_id)
 
 
-def ns_file_id(entry: bytes | memoryview) -> int | None:
-    """The file id of a namespace entry, or None for a directory."""
+def ns_unpack(entry: bytes | memoryview) -> NsEntry:
+    """Decode a namespace value; StoreError when it is none of the known kinds."""
     entry = bytes(entry)
-    if entry[:1] == FILE and len(entry) == 9:
-        return key_u64(entry[1:])
+    kind = entry[:1]
+    if kind in (FILE, STAGED) and len(entry) == 9:
+        return NsEntry(kind, key_u64(entry[1:]))
     if entry == DIR:
-        return None
+        return NsEntry(DIR)
+    if kind == LINK and len(entry) > 1:
+        return NsEntry(LINK, target=entry[1:])
     raise StoreError("namespace entry is malformed")
+
+
+def ns_file_id(entry: bytes | memoryview) -> int | None:
+    """The file id of a namespace entry for a stored file, or None for anything else."""
+    return ns_unpack(entry).file_id

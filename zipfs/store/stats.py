@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from zipfs.store import staging
 from zipfs.store.lmdb_store import Store
 from zipfs.store.records import KIND_NAMES
 
@@ -21,6 +22,9 @@ class Stats:
     reused_chunks: int = 0
     #: size of the LMDB data file on disk (allocated blocks)
     disk_bytes: int = 0
+    #: written through a mount, not yet ingested (the backlog)
+    staged_files: int = 0
+    staged_bytes: int = 0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     #: per model: its base, logical size, bytes it added, delta chunks
     models: dict[str, dict[str, object]] = field(default_factory=dict)
@@ -39,12 +43,15 @@ def compute(store: Store) -> Stats:
     raw: Counter[str] = Counter()
     stored: Counter[str] = Counter()
     with store.read() as txn:
-        for _, fid in store.walk(txn):
-            if fid is not None:
-                rec = store.file(txn, fid)
-                s.files += 1
-                s.logical_bytes += rec.size
-                s.reused_chunks += rec.reused_chunks
+        for _, fid in store.stored_files(txn):
+            rec = store.file(txn, fid)
+            s.files += 1
+            s.logical_bytes += rec.size
+            s.reused_chunks += rec.reused_chunks
+        for r in staging.records(txn, store).values():
+            if r.state == staging.LIVE:
+                s.staged_files += 1
+                s.staged_bytes += r.size
         for _, cr in store.iter_chunks(txn):
             if cr.refs <= 0:
                 s.garbage_bytes += cr.stored_len

@@ -41,9 +41,7 @@ def usage(store: Store) -> list[ModelUsage]:
         models = set(store.models(txn))
         out: dict[str, ModelUsage] = {}
         file_refs: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for path, fid in store.walk(txn):
-            if fid is None:
-                continue
+        for path, fid in store.stored_files(txn):
             owner = _owner(path, models)
             mu = out.setdefault(owner, ModelUsage(owner))
             rec = store.file(txn, fid)
