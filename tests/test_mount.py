@@ -230,9 +230,6 @@ def test_unlink_and_rmdir_through_the_mount_remove_names(tmp_path, models, zipfs
             (f.rmdir if f.is_dir() else f.unlink)()
         os.rmdir(m / "sre")
         assert os.listdir(m) == ["minilm"]
-        with pytest.raises(OSError) as e:
-            (m / "minilm/new.json").write_text("{}")
-        assert e.value.errno == errno.EROFS
     assert "sre" not in zipfs("ls").out
     assert "sre" not in json.loads(zipfs("stats", "--json").out)["models"]
     assert zipfs("gc").code == 0 and zipfs("fsck").code == 0 and zipfs("verify").code == 0

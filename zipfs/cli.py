@@ -146,7 +146,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         workers=args.workers or os.cpu_count() or 1, allow_other=args.allow_other,
         log_level=args.log_level, log_file=args.log_file, readahead_kb=args.readahead_kb,
         staging_limit=parse_size(args.staging_limit),
-        ingest_workers=args.ingest_workers or MountOptions.ingest_workers)
+        ingest_workers=args.ingest_workers or MountOptions.ingest_workers, read_only=args.read_only)
     return mount(opts)
 
 
@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="set the mount's bdi read_ahead_kb, as root (default 1024: 1 MiB reads)")
     sp.add_argument("--staging-limit", default="16G",
                     help="staged bytes above which writes wait for background ingest (default 16G)")
+    sp.add_argument("--read-only", action="store_true",
+                    help="refuse writes (also what a second mount of a store gets)")
     sp.add_argument("--ingest-workers", type=int, default=None,
                     help="encoding threads of background ingest (default: half the cores)")
 
@@ -382,6 +384,8 @@ def fstab_argv(argv: list[str]) -> list[str]:
             out.append("--allow-other")
         elif key == "foreground":
             out.append("--foreground")
+        elif key == "ro":
+            out.append("--read-only")
     return out
 
 

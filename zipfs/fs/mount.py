@@ -25,6 +25,7 @@ import trio
 
 from zipfs.errors import ZipfsError
 from zipfs.fs.namespace import Namespace
+from zipfs.fs.operations import Operations
 from zipfs.fs.writes import WritableOperations
 from zipfs.ingest.ingester import Ingester
 from zipfs.read.cache import ChunkCache
@@ -49,6 +50,7 @@ class MountOptions:
     #: staged bytes above which writes wait for background ingest to catch up
     staging_limit: int = 16 << 30
     ingest_workers: int = max(1, (os.cpu_count() or 1) // 2)
+    read_only: bool = False
 
 
 def sd_notify(message: str) -> None:
@@ -90,11 +92,12 @@ def _setup_logging(opts: MountOptions) -> None:
     root.setLevel(opts.log_level.upper())
 
 
-async def _serve(ops: WritableOperations, opts: MountOptions) -> None:
+async def _serve(ops: Operations, opts: MountOptions) -> None:
     async with trio.open_nursery() as nursery:
         for _ in range(ops.workers):
             nursery.start_soon(ops.prefetch_worker)
-        nursery.start_soon(ops.ingest_worker)
+        if isinstance(ops, WritableOperations):
+            nursery.start_soon(ops.ingest_worker)
 
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -107,7 +110,8 @@ async def _serve(ops: WritableOperations, opts: MountOptions) -> None:
         if opts.readahead_kb:
             nursery.start_soon(trio.to_thread.run_sync, set_readahead, opts.mountpoint, opts.readahead_kb)
         await pyfuse3.main()
-        ops.ingester.cancelled.set()  # an ingest in progress stops; its file stays staged
+        if isinstance(ops, WritableOperations):
+            ops.ingester.cancelled.set()  # an ingest in progress stops; its file stays staged
         nursery.cancel_scope.cancel()
 
 
@@ -136,23 +140,28 @@ def _serve_store(opts: MountOptions, ready: Callable[[str], None]) -> None:
     store = Store(opts.store, create=False)
     with ExitStack() as stack:
         stack.callback(store.close)
-        try:
-            stack.enter_context(store.flock("staging.lock", exclusive=True, wait=False))
-        except ZipfsError:
-            raise ZipfsError(f"store {opts.store} is already mounted elsewhere "
-                             "(one mount at a time writes its staging area)") from None
+        source = ChunkSource(store, ChunkCache(opts.cache_size))
+        if not opts.read_only:
+            try:
+                stack.enter_context(store.flock("staging.lock", exclusive=True, wait=False))
+            except ZipfsError:
+                log.warning("another mount of %s writes its staging area: this one is read-only",
+                            opts.store)
+                opts.read_only = True
+        if opts.read_only:
+            _run(Operations(Namespace(store), source, opts.workers), opts, ready)
+            return
         recovered = staging.recover(store)
         log.info("staging: %d files to ingest, %d moved to lost+found, %d cut to their acknowledged size",
                  len(recovered.live), len(recovered.lost), len(recovered.truncated))
         ingester = stack.enter_context(Ingester(store, workers=opts.ingest_workers))
-        source = ChunkSource(store, ChunkCache(opts.cache_size))
         ops = WritableOperations(Namespace(store), source, opts.workers, ingester, opts.staging_limit,
                                  recovered.live)
         _run(ops, opts, ready)
 
 
-def _run(ops: WritableOperations, opts: MountOptions, ready: Callable[[str], None]) -> None:
-    store = ops.store
+def _run(ops: Operations, opts: MountOptions, ready: Callable[[str], None]) -> None:
+    store = ops.ns.store
     fuse_opts = {"fsname=zipfs", "subtype=zipfs", "default_permissions"}
     if opts.allow_other:
         fuse_opts.add("allow_other")

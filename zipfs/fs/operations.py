@@ -1,4 +1,5 @@
-"""pyfuse3 operations on trio: the read path and metadata (writes: zipfs.fs.writes).
+"""pyfuse3 operations on trio: the read path and metadata; on their own, a read-only mount
+(content is read-only; names can be removed). zipfs.fs.writes adds the write path.
 
 One trio thread runs every handler, so nothing here blocks it: metadata reads and chunk decodes
 run in worker threads; a read whose chunks are all cached returns without awaiting. Concurrent
@@ -332,3 +333,11 @@ class Operations(pyfuse3.Operations):
     def removed(self, entry: Entry) -> None:
         """A name is gone from the store: forget what the mount kept about it."""
         self.ns.forget(entry.path)
+
+    # ---- a read-only mount (zipfs.fs.writes adds the write path) ----
+
+    async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    create = mkdir = mknod = symlink = link = rename = _read_only
+    write = setattr = setxattr = removexattr = _read_only
