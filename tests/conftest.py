@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -31,6 +32,18 @@ def models() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def bf16_pair(models: dict[str, Path]) -> dict[str, Path]:
     return fetch_models.bf16_pair(models)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 40 MiB tmpfs: a disk that fills up."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode:
+        pytest.fail(f"cannot mount a small tmpfs for the disk-full test: {r.stderr.decode()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture

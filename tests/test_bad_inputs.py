@@ -99,17 +99,6 @@ def test_killed_ingest_process_leaves_a_consistent_store(models, store_path, zip
     assert zipfs("verify").code == 0
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode:
-        pytest.fail(f"cannot mount a small tmpfs for the disk-full test: {r.stderr.decode()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_fails_clearly_and_damages_nothing(models, small_fs, zipfs):
     store = small_fs / "store"
     zf = lambda *a: zipfs("--store", str(store), *a)  # noqa: E731 - later --store wins

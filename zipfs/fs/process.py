@@ -42,11 +42,12 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str,
 
 
 @contextmanager
-def mounted(store: Path, mnt: Path, *extra: str, log: Path | None = None) -> Iterator[subprocess.Popen]:
+def mounted(store: Path, mnt: Path, *extra: str, log: Path | None = None,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     """A foreground mount process serving `store` at `mnt` for the duration of the block."""
     mnt.mkdir(parents=True, exist_ok=True)
     log = log or mnt.parent / f"{mnt.name}.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     proc = subprocess.Popen(zipfs_cmd(store, "mount", str(mnt), "--foreground", "--log-file", str(log),
                                       *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

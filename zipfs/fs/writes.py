@@ -2,12 +2,14 @@
 
 create/write go to `staging/<sid>` under the store, keyed by staging id, not path. flush and
 fsync fsync the staging file and commit its journal row before returning, and report errors
-there (the kernel ignores release's); a failed write or fsync poisons the file: the error is
-reported once, then every later operation gets EIO. After the last writer closes, the file is
-queued (FIFO) for background ingest in its own thread and limiter, so reads stay fast; until
-the ingest commits, reads come from staging. Opening a stored file for writing copies it up
-into staging first. Writes wait (backpressure) while staging is over its budget and the ingest
-queue can make room; nothing staged is ever evicted.
+there (the kernel ignores release's). A failed write or fsync poisons the file: every later
+write, flush and fsync of it reports that error (ENOSPC stays ENOSPC through close), opening it
+again gets EIO, and a poisoned file never acknowledged is removed at its last close.
+
+After the last writer closes, the file is queued (FIFO) for background ingest in its own thread
+and limiter, so reads stay fast; until the ingest commits, reads come from staging. Opening a
+stored file for writing copies it up into staging first. Writes wait (backpressure) while
+staging is over its budget and the ingest queue can make room; nothing staged is evicted.
 """
 
 from __future__ import annotations
@@ -62,9 +64,8 @@ class StagedFile:
     acked_writes: int = 0
     state: str = "staged"  # staged | queued | ingesting | failed
     failure: str = ""
-    #: errno of a failed write or fsync: reported once, then EIO
+    #: errno of a failed write or fsync: the file is poisoned
     error: int = 0
-    reported: bool = False
     ingest_ended: trio.Event | None = None
 
     @property
@@ -174,11 +175,9 @@ class WritableOperations(Operations):
         return sum(sf.size for sf in self.staged.values())
 
     def _check(self, sf: StagedFile) -> None:
-        """Refuse operations on a poisoned file: its error once, then EIO."""
+        """Refuse writes to a poisoned file with the error that poisoned it."""
         if sf.error:
-            err = errno.EIO if sf.reported else sf.error
-            sf.reported = True
-            raise pyfuse3.FUSEError(err)
+            raise pyfuse3.FUSEError(sf.error)
 
     def _poison(self, sf: StagedFile, err: int, what: str) -> pyfuse3.FUSEError:
         sf.error = sf.error or err
@@ -255,6 +254,12 @@ class WritableOperations(Operations):
         self.ns.forget(new)
         self.ns.renamed(old, new)
 
+    async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)  # hard links: a model file has one name
+
+    async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)  # devices, fifos and sockets have no place here
+
     def removed(self, entry: Entry) -> None:
         super().removed(entry)
         if entry.kind == STAGED:
@@ -300,7 +305,8 @@ class WritableOperations(Operations):
             if sf.state != "ingesting":
                 break
             await sf.ingest_ended.wait()  # then it is stored (copy it up) or back to staged
-        self._check(sf)
+        if sf.error:
+            raise pyfuse3.FUSEError(errno.EIO)
         if sf.state in ("queued", "failed"):
             sf.state = "staged"  # the queue skips it; the last close queues it again
         if truncate and sf.size:
