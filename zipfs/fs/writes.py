@@ -190,7 +190,9 @@ class WritableOperations(Operations):
         return sf.fd
 
     def _close_if_unused(self, sf: StagedFile) -> None:
-        if sf.opens == 0 and sf.fd >= 0:
+        # while ingesting, the descriptor outlives the staging file (deleted at the commit), so
+        # opens racing the commit still read the bytes
+        if sf.opens == 0 and sf.fd >= 0 and sf.state != "ingesting":
             os.close(sf.fd)
             sf.fd = -1
 
@@ -501,11 +503,17 @@ class WritableOperations(Operations):
             sf = self.staged.get(sid)
             if sf is None or sf.state != "queued":
                 continue
+            try:
+                await self._io(self._fd, sf)
+            except pyfuse3.FUSEError:
+                sf.state, sf.failure = "failed", "its staging file cannot be opened"
+                continue
             sf.state, sf.ingest_ended = "ingesting", trio.Event()
             try:
                 await self._ingest(sf)
             finally:
                 sf.ingest_ended.set()
+                self._close_if_unused(sf)
                 self._space_changed()
 
     async def _ingest(self, sf: StagedFile) -> None:
