@@ -182,11 +182,17 @@ class Namespace:
         with self.store.read() as txn:
             return self._entry(txn, path, self.store.entry(txn, path))
 
+    def child_path(self, parent: int, name: str) -> str:
+        """The store path of name in directory parent; ZipfsError for an unrepresentable name."""
+        base = self.dir_path(parent)
+        return names.normalize(f"{base}/{name}" if base else name)
+
     def lookup(self, parent: int, name: str) -> Entry | None:
         """The entry for name in directory parent, or None when there is none."""
-        base = self.dir_path(parent)
         try:
-            path = names.normalize(f"{base}/{name}" if base else name)
+            path = self.child_path(parent, name)
+        except NotFoundError:
+            raise
         except ZipfsError:  # an unrepresentable name simply does not exist
             return None
         with self.store.read() as txn:

@@ -41,7 +41,7 @@ from zipfs.ingest.ingester import Ingester
 from zipfs.ingest.staged import ingest_staged
 from zipfs.read.chunks import ChunkSource
 from zipfs.read.reader import Reader
-from zipfs.store import mutate, names, staging
+from zipfs.store import mutate, staging
 from zipfs.store.lifecycle import remove
 from zipfs.store.records import LINK, STAGED
 
@@ -155,9 +155,10 @@ class WritableOperations(Operations):
         return (sf.size, sf.mtime_ns) if sf is not None else None
 
     def _child(self, parent: int, name: bytes) -> str:
-        base = self.ns.dir_path(parent)
         try:
-            return names.normalize(f"{base}/{os.fsdecode(name)}" if base else os.fsdecode(name))
+            return self.ns.child_path(parent, os.fsdecode(name))
+        except NotFoundError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
         except ZipfsError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
 
@@ -216,7 +217,7 @@ class WritableOperations(Operations):
         ino = self.ns.resolve(inode)
         if not ino & STAGED_BIT:
             return super().file_state(inode)
-        sf = self.staged.get(ino & ~STAGED_BIT)
+        sf = self._staged_of(ino)
         if sf is None:
             return None
         if sf.error:
@@ -295,18 +296,26 @@ class WritableOperations(Operations):
         sf.writers += writable
         return fh
 
-    async def _writable(self, inode: int, truncate: bool) -> StagedFile:
-        """The staged file behind inode, ready for writing: copied up, out of the ingest queue."""
+    def _staged_of(self, ino: int) -> StagedFile | None:
+        """The live staged file of a resolved inode, or None."""
+        return self.staged.get(ino & ~STAGED_BIT) if ino & STAGED_BIT else None
+
+    async def _settled(self, inode: int) -> tuple[int, StagedFile | None]:
+        """inode resolved once no ingest of it runs (it is then stored, or staged again)."""
         while True:
             ino = self.ns.resolve(inode)
-            if ino & FILE_BIT:
-                return await self._copy_up(ino, truncate)
-            sf = self.staged.get(ino & ~STAGED_BIT) if ino & STAGED_BIT else None
-            if sf is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            if sf.state != "ingesting":
-                break
-            await sf.ingest_ended.wait()  # then it is stored (copy it up) or back to staged
+            sf = self._staged_of(ino)
+            if sf is None or sf.state != "ingesting":
+                return ino, sf
+            await sf.ingest_ended.wait()
+
+    async def _writable(self, inode: int, truncate: bool) -> StagedFile:
+        """The staged file behind inode, ready for writing: copied up, out of the ingest queue."""
+        ino, sf = await self._settled(inode)
+        if ino & FILE_BIT:
+            return await self._copy_up(ino, truncate)
+        if sf is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
         if sf.error:
             raise pyfuse3.FUSEError(errno.EIO)
         if sf.state in ("queued", "failed"):
@@ -365,7 +374,7 @@ class WritableOperations(Operations):
         if writable:
             sf = await self._writable(inode, bool(flags & os.O_TRUNC))
         else:
-            sf = self.staged.get(ino & ~STAGED_BIT) if ino & STAGED_BIT else None
+            sf = self._staged_of(ino)
             if sf is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
         await self._io(self._fd, sf)
@@ -472,11 +481,7 @@ class WritableOperations(Operations):
         return await self.getattr(inode, ctx)
 
     async def _set_mtime(self, inode: int, mtime_ns: int) -> None:
-        ino = self.ns.resolve(inode)
-        sf = self.staged.get(ino & ~STAGED_BIT) if ino & STAGED_BIT else None
-        if sf is not None and sf.state == "ingesting":
-            await sf.ingest_ended.wait()
-            ino = self.ns.resolve(inode)
+        ino, sf = await self._settled(inode)
         if ino & FILE_BIT:
             await self._commit(mutate.set_mtime(self.store, ino & ~FILE_BIT, mtime_ns))
         elif sf is not None:  # the ingest reads it from the staging file

@@ -31,19 +31,12 @@ def _get(txn: lmdb.Transaction, store: Store, path: str) -> NsEntry | None:
     return ns_unpack(raw) if raw is not None else None
 
 
-def _put_new(txn: lmdb.Transaction, store: Store, path: str, entry: NsEntry) -> None:
-    if _get(txn, store, path) is not None:
-        raise NamespaceError(errno.EEXIST, f"{path}: already exists")
-    staging.ensure_parents(txn, store, path)
-    txn.put(names.encode(path), entry.pack(), db=store.db["ns"])
-
-
 def mkdir(store: Store, path: str) -> Op:
-    return lambda txn: _put_new(txn, store, path, NsEntry(DIR))
+    return lambda txn: staging.put_new(txn, store, path, NsEntry(DIR))
 
 
 def symlink(store: Store, path: str, target: bytes) -> Op:
-    return lambda txn: _put_new(txn, store, path, NsEntry(LINK, target=target))
+    return lambda txn: staging.put_new(txn, store, path, NsEntry(LINK, target=target))
 
 
 def _is_empty_dir(txn: lmdb.Transaction, store: Store, path: str) -> bool:

@@ -88,14 +88,19 @@ def ensure_parents(txn: lmdb.Transaction, store: Store, path: str) -> None:
             raise ZipfsError(f"{path}: {parent} is not a directory")
 
 
+def put_new(txn: lmdb.Transaction, store: Store, path: str, entry: NsEntry) -> None:
+    """Add a namespace entry where there is none (EEXIST otherwise), with its directories."""
+    if path == "" or txn.get(names.encode(path), db=store.db["ns"]) is not None:
+        raise NamespaceError(errno.EEXIST, f"{path or '/'}: already exists")
+    ensure_parents(txn, store, path)
+    txn.put(names.encode(path), entry.pack(), db=store.db["ns"])
+
+
 def create(txn: lmdb.Transaction, store: Store, path: str) -> int:
     """Journal a new, empty, unacknowledged staged file at path; return its staging id."""
-    if txn.get(names.encode(path), db=store.db["ns"]) is not None:
-        raise NamespaceError(errno.EEXIST, f"{path}: already exists")
     sid = store.next_id(txn, NEXT_SID)
-    ensure_parents(txn, store, path)
+    put_new(txn, store, path, NsEntry(STAGED, sid))
     put(txn, store, sid, StagedRecord(path, mtime_ns=time.time_ns()))
-    txn.put(names.encode(path), NsEntry(STAGED, sid).pack(), db=store.db["ns"])
     return sid
 
 
