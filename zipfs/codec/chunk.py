@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -83,12 +84,6 @@ def _zstd_plane(p: np.ndarray, level: int, entropy_first: bool) -> bytes:
     return body
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
-    if not hasattr(_local, "dctx"):
-        _local.dctx = zstandard.ZstdDecompressor()
-    return _local.dctx
-
-
 @dataclass(frozen=True)
 class Encoded:
     """An encoded chunk and what stats need to know about it."""
@@ -142,48 +137,26 @@ def needs_base(payload: bytes | memoryview) -> bool:
     return len(payload) >= _HEAD.size and bool(payload[1] & (FLAG_XOR | FLAG_SUB))
 
 
-def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None) -> memoryview:
-    """Decode a payload; raise CorruptChunkError on anything malformed.
-
-    Returns a read-only view of a fresh buffer (no final copy); it stays valid on its own.
-    """
+def decoded_size(payload: bytes | memoryview) -> int:
+    """Bytes a payload decodes to, from its header, so a caller can provide the output buffer."""
     try:
-        version, flags, width, _, n = _HEAD.unpack_from(payload, 0)
+        return _HEAD.unpack_from(payload, 0)[4]
     except struct.error:
         raise CorruptChunkError("chunk payload is truncated") from None
-    delta = flags & (FLAG_XOR | FLAG_SUB)
-    if (version != VERSION or width not in (1, 2, 4, 8) or n % width or flags & ~7
-            or delta == FLAG_XOR | FLAG_SUB):
-        raise CorruptChunkError(f"chunk payload header is invalid (version {version}, width {width})")
-    rows = n // width
-    pos = _HEAD.size + width * _PLANE.size
-    if len(payload) < pos:
-        raise CorruptChunkError("chunk payload is truncated")
-    planes = []
-    for i in range(width):
-        method, size = _PLANE.unpack_from(payload, _HEAD.size + i * _PLANE.size)
-        body = payload[pos:pos + size]
-        pos += size
-        if len(body) != size:
-            raise CorruptChunkError("chunk payload is truncated")
-        if method == CONST and size == 1:
-            planes.append(np.full(rows, body[0], dtype=np.uint8))
-        elif method == RAW and size == rows:
-            planes.append(body)
-        elif method == ZSTD:
-            try:
-                plain = _decompressor().decompress(body, max_output_size=rows) if rows else b""
-            except zstandard.ZstdError as e:
-                raise CorruptChunkError(f"zstd plane does not decode: {e}") from None
-            if len(plain) != rows:
-                raise CorruptChunkError("zstd plane has the wrong length")
-            planes.append(plain)
-        else:
-            raise CorruptChunkError(f"plane {i} has invalid method {method} or size {size}")
-    if pos != len(payload):
-        raise CorruptChunkError("chunk payload has trailing bytes")
-    if delta and (base is None or len(base) != n):
-        raise CorruptChunkError("delta chunk decoded without its base chunk")
-    out = np.empty(n, dtype=np.uint8)
-    _planes.merge(out, planes, width, bool(flags & FLAG_ROTL1), delta, base if delta else None)
-    return memoryview(out).toreadonly()
+
+
+def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None,
+           out: Any = None) -> memoryview:
+    """Decode a payload into `out` (a writable buffer of at least decoded_size bytes; a fresh
+    one if None); raise CorruptChunkError on anything malformed.
+
+    Returns a read-only view of the decoded bytes in `out`. The C kernel validates the format
+    and decodes with the GIL released (zipfs/codec/_planes.c).
+    """
+    if out is None:
+        out = np.empty(decoded_size(payload), dtype=np.uint8)
+    try:
+        n = _planes.decode(payload, base, out)
+    except ValueError as e:
+        raise CorruptChunkError(str(e)) from None
+    return memoryview(out).toreadonly()[:n]

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 from zipfs.codec import chunk as codec
 from zipfs.codec import widen
 from zipfs.errors import CorruptChunkError
+from zipfs.read._slots import Pool
 from zipfs.read.cache import ChunkCache
 from zipfs.store.lmdb_store import Store
 
 DEFAULT_CACHE = 256 << 20
+#: pooled buffer size: the ingest's chunk size. Larger chunks, and chunks under half a slot (they
+#: would waste most of it), get a buffer of their own.
+SLOT = 1 << 20
+#: slots beyond what the cache holds: decodes in flight, evicted chunks a reader still holds
+SLOT_SLACK = 64
 
 
 class ChunkSource:
@@ -23,6 +31,7 @@ class ChunkSource:
     def __init__(self, store: Store, cache: ChunkCache | None = None) -> None:
         self.store = store
         self.cache = cache if cache is not None else ChunkCache(DEFAULT_CACHE)
+        self.pool = Pool(SLOT, self.cache.capacity // SLOT + SLOT_SLACK)
         self._lock = threading.Lock()
         #: chunks decoded (cache misses that ran the codec): tests assert on it
         self.decoded = 0
@@ -59,18 +68,22 @@ class ChunkSource:
                 raise CorruptChunkError(
                     f"chunk {chunk_id} is a delta of a delta (base {rec.base}): store is inconsistent")
             base = self.base_bytes(rec.base, rec.base_off, rec.base_xform, rec.raw_len)
+        slot = self.pool.take(rec.raw_len) if rec.raw_len >= SLOT // 2 else None
+        out = slot if slot is not None else np.empty(rec.raw_len, dtype=np.uint8)
         with self.store.read() as txn:
             payload = self.store.payload(txn, chunk_id)  # decoded straight from the map
             if not rec.base and codec.needs_base(payload):
                 raise CorruptChunkError(f"chunk {chunk_id} is a delta but its record names no base")
             try:
-                data = codec.decode(payload, base)
+                if codec.decoded_size(payload) != rec.raw_len:
+                    raise CorruptChunkError("payload size differs from the chunk record's")
+                data = codec.decode(payload, base, out)
             except CorruptChunkError as e:
                 raise CorruptChunkError(f"chunk {chunk_id}: {e}") from None
-        if len(data) != rec.raw_len or codec.checksum(data) != rec.checksum:
+        if codec.checksum(data) != rec.checksum:
             raise CorruptChunkError(f"chunk {chunk_id}: checksum mismatch, stored data is corrupt")
         with self._lock:
             self.decoded += 1
             self.decoded_bytes += len(data)
-        self.cache.put(chunk_id, data)
+        self.cache.put(chunk_id, data, SLOT if slot is not None else None)
         return data
