@@ -41,6 +41,8 @@ ENTRY_TIMEOUT = 1.0
 TENSOR_PREFETCH_MAX = 64 << 20
 #: sequential read-ahead, in bytes, once a handle reads sequentially
 SEQUENTIAL_AHEAD = 8 << 20
+#: chunks whose served bytes are counted at once (see Operations._served_bytes)
+SERVED_TRACKED = 4096
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Operations(pyfuse3.Operations):
         self.prefetch_limiter = trio.CapacityLimiter(workers)
         self.stats = MountStats()
         self._inflight: dict[int, _Job] = {}
+        self._served: dict[int, int] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, list[tuple[str, Entry]]] = {}
         self._next_fh = 1
@@ -188,6 +191,7 @@ class Operations(pyfuse3.Operations):
             "reads": self.stats.reads, "bytes_read": self.stats.bytes_read,
             "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
             "cache_bytes": self.cache.size, "cache_capacity": self.cache.capacity,
+            "buffers_mapped": self.source.pool.mapped, "buffers_in_use": self.source.pool.in_use,
             "chunks_decoded": self.source.decoded, "bytes_decoded": self.source.decoded_bytes,
             "prefetch_queued": self.stats.prefetch_queued, "prefetch_decoded": self.stats.prefetch_decoded,
             "eio": self.stats.eio, "open_files": len(self._handles), "inflight": len(self._inflight),
@@ -241,11 +245,25 @@ class Operations(pyfuse3.Operations):
                     log.error("EIO reading %s at offset %d (chunk %d): %s", h.file.path, off, cid, e)
                     raise pyfuse3.FUSEError(errno.EIO) from None
             parts.append(memoryview(data)[lo:hi])
+            self._served_bytes(cid, hi - lo, len(data))
         self.stats.reads += 1
         out = b"".join(parts)
         self.stats.bytes_read += len(out)
         self._plan_prefetch(h, off, len(out))
         return out
+
+    def _served_bytes(self, cid: int, n: int, size: int) -> None:
+        """Count bytes of a chunk handed to the kernel; once all of them were, the page cache
+        holds the chunk and the decoded copy goes to the cache's cold list (its memory is then
+        the first reused). Readahead requests complete out of order, so this counts bytes
+        rather than watching for sequential offsets."""
+        served = self._served.pop(cid, 0) + n
+        if served >= size:
+            self.cache.demote(cid)
+            return
+        if len(self._served) >= SERVED_TRACKED:  # partly read chunks of random access: forget them
+            self._served.clear()
+        self._served[cid] = served
 
     async def _chunk(self, cid: int, limiter: trio.CapacityLimiter | None = None) -> bytes:
         """Decoded chunk cid; concurrent callers share one decode job."""

@@ -9,6 +9,7 @@
  *
  *   pool = Pool(slot_size, max_slots)
  *   slot = pool.take(n)      # a writable buffer of n <= slot_size bytes, or None when exhausted
+ *   pool.take(n, grow=False) # only a slot already mapped and free
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -115,11 +116,13 @@ static int pool_grow(PoolObject *self) {
     return 0;
 }
 
-static PyObject *pool_take(PoolObject *self, PyObject *arg) {
-    Py_ssize_t n = PyLong_AsSsize_t(arg);
-    if (n == -1 && PyErr_Occurred()) return NULL;
+static PyObject *pool_take(PoolObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"n", "grow", NULL};
+    Py_ssize_t n;
+    int grow = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|p", kwlist, &n, &grow)) return NULL;
     if (n < 0 || n > self->slot_size) Py_RETURN_NONE;
-    if (!self->nfree && (self->slots >= self->max_slots || pool_grow(self) < 0)) Py_RETURN_NONE;
+    if (!self->nfree && (!grow || self->slots >= self->max_slots || pool_grow(self) < 0)) Py_RETURN_NONE;
     if (!self->nfree) Py_RETURN_NONE;
     SlotObject *slot = PyObject_New(SlotObject, &SlotType);
     if (!slot) return NULL;
@@ -152,7 +155,8 @@ static PyObject *pool_get_slot_size(PoolObject *self, void *closure) {
 }
 
 static PyMethodDef pool_methods[] = {
-    {"take", (PyCFunction)pool_take, METH_O, "take(n) -> a writable Slot of n bytes, or None"},
+    {"take", (PyCFunction)(void (*)(void))pool_take, METH_VARARGS | METH_KEYWORDS,
+     "take(n, grow=True) -> a writable Slot of n bytes, or None (grow=False: only a free one)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -183,9 +187,8 @@ PyMODINIT_FUNC PyInit__slots(void) {
     if (PyType_Ready(&SlotType) < 0 || PyType_Ready(&PoolType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    Py_INCREF(&PoolType);
-    if (PyModule_AddObject(m, "Pool", (PyObject *)&PoolType) < 0) {
-        Py_DECREF(&PoolType);
+    if (PyModule_AddObjectRef(m, "Pool", (PyObject *)&PoolType) < 0
+            || PyModule_AddObjectRef(m, "Slot", (PyObject *)&SlotType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -9,7 +9,7 @@ import numpy as np
 from zipfs.codec import chunk as codec
 from zipfs.codec import widen
 from zipfs.errors import CorruptChunkError
-from zipfs.read._slots import Pool
+from zipfs.read._slots import Pool, Slot
 from zipfs.read.cache import ChunkCache
 from zipfs.store.lmdb_store import Store
 
@@ -68,7 +68,7 @@ class ChunkSource:
                 raise CorruptChunkError(
                     f"chunk {chunk_id} is a delta of a delta (base {rec.base}): store is inconsistent")
             base = self.base_bytes(rec.base, rec.base_off, rec.base_xform, rec.raw_len)
-        slot = self.pool.take(rec.raw_len) if rec.raw_len >= SLOT // 2 else None
+        slot = self._slot(rec.raw_len)
         out = slot if slot is not None else np.empty(rec.raw_len, dtype=np.uint8)
         with self.store.read() as txn:
             payload = self.store.payload(txn, chunk_id)  # decoded straight from the map
@@ -85,5 +85,16 @@ class ChunkSource:
         with self._lock:
             self.decoded += 1
             self.decoded_bytes += len(data)
-        self.cache.put(chunk_id, data, SLOT if slot is not None else None)
+        # a base chunk is done with once its delta is decoded: another fine-tune may ask again
+        self.cache.put(chunk_id, data, SLOT if slot is not None else None, cold=not allow_delta)
         return data
+
+    def _slot(self, n: int) -> Slot | None:
+        """A pooled buffer for n decoded bytes: memory the cache is done with is reused before
+        more is mapped, since touching fresh memory costs more than decoding into warm."""
+        if n < SLOT // 2:
+            return None
+        slot = self.pool.take(n, grow=False)
+        if slot is None and self.cache.reclaim(SLOT):
+            slot = self.pool.take(n, grow=False)
+        return slot if slot is not None else self.pool.take(n)
