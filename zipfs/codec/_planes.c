@@ -45,12 +45,27 @@ static void split_##W(const uint8_t *in, const uint8_t *base, uint8_t **planes, 
         for (int k = 0; k < W; k++) planes[k][i] = (uint8_t)(v >> (8 * k));                    \
     }                                                                                          \
 }                                                                                              \
-static void merge_##W(uint8_t *out, const uint8_t *base, const uint8_t **planes, Py_ssize_t rows, \
-                      int rot, int delta) {                                                    \
+/* plane pointers as restrict locals: the planes never alias the output, and saying so lets the \
+ * compiler vectorize the loop (W is a constant, so unused planes drop out) */                 \
+static inline __attribute__((always_inline)) void                                             \
+merge_##W##_as(uint8_t *restrict out, const uint8_t *restrict base,                              \
+               const uint8_t *const *planes, Py_ssize_t rows, const int rot, const int delta) {\
     const int bits = 8 * W;                                                                    \
+    const uint8_t *restrict p0 = planes[0];                                                    \
+    const uint8_t *restrict p1 = W > 1 ? planes[1] : p0;                                       \
+    const uint8_t *restrict p2 = W > 2 ? planes[2] : p0;                                       \
+    const uint8_t *restrict p3 = W > 2 ? planes[3] : p0;                                       \
+    const uint8_t *restrict p4 = W > 4 ? planes[4] : p0;                                       \
+    const uint8_t *restrict p5 = W > 4 ? planes[5] : p0;                                       \
+    const uint8_t *restrict p6 = W > 4 ? planes[6] : p0;                                       \
+    const uint8_t *restrict p7 = W > 4 ? planes[7] : p0;                                       \
     for (Py_ssize_t i = 0; i < rows; i++) {                                                    \
-        T v = 0;                                                                               \
-        for (int k = 0; k < W; k++) v |= (T)((T)planes[k][i] << (8 * k));                      \
+        uint64_t w = p0[i];                                                                    \
+        if (W > 1) w |= (uint64_t)p1[i] << 8;                                                  \
+        if (W > 2) w |= (uint64_t)p2[i] << 16 | (uint64_t)p3[i] << 24;                         \
+        if (W > 4) w |= (uint64_t)p4[i] << 32 | (uint64_t)p5[i] << 40 | (uint64_t)p6[i] << 48   \
+                        | (uint64_t)p7[i] << 56;                                               \
+        T v = (T)w;                                                                            \
         if (rot) v = (T)((T)(v >> 1) | (T)(v << (bits - 1)));                                  \
         if (delta) {                                                                           \
             T b;                                                                               \
@@ -62,6 +77,21 @@ static void merge_##W(uint8_t *out, const uint8_t *base, const uint8_t **planes,
             }                                                                                  \
         }                                                                                      \
         memcpy(out + i * W, &v, W);                                                            \
+    }                                                                                          \
+}                                                                                              \
+/* one loop per (rot, delta) with both constant: no branch is left inside for the vectorizer */ \
+static void merge_##W(uint8_t *out, const uint8_t *base, const uint8_t *const *planes,             \
+                      Py_ssize_t rows, int rot, int delta) {                                   \
+    if (delta == DELTA_SUB) {                                                                  \
+        if (rot) merge_##W##_as(out, base, planes, rows, 1, DELTA_SUB);                        \
+        else merge_##W##_as(out, base, planes, rows, 0, DELTA_SUB);                            \
+    } else if (delta == DELTA_XOR) {                                                           \
+        if (rot) merge_##W##_as(out, base, planes, rows, 1, DELTA_XOR);                        \
+        else merge_##W##_as(out, base, planes, rows, 0, DELTA_XOR);                            \
+    } else if (rot) {                                                                          \
+        merge_##W##_as(out, base, planes, rows, 1, DELTA_NONE);                                \
+    } else {                                                                                   \
+        merge_##W##_as(out, base, planes, rows, 0, DELTA_NONE);                                \
     }                                                                                          \
 }
 

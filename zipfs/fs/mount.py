@@ -94,7 +94,7 @@ def _setup_logging(opts: MountOptions) -> None:
 
 async def _serve(ops: Operations, opts: MountOptions) -> None:
     async with trio.open_nursery() as nursery:
-        for _ in range(ops.workers):
+        for _ in range(ops.prefetchers):
             nursery.start_soon(ops.prefetch_worker)
         if isinstance(ops, WritableOperations):
             nursery.start_soon(ops.ingest_worker)

@@ -89,8 +89,11 @@ class Operations(pyfuse3.Operations):
         self.cache = source.cache
         self.workers = workers
         self.limiter = trio.CapacityLimiter(workers)
-        #: prefetch decodes in its own threads: a demand read never waits for a prefetch's token
-        self.prefetch_limiter = trio.CapacityLimiter(workers)
+        #: prefetch decodes in its own threads: a demand read never waits for a prefetch's token.
+        #: Twice the workers, so one waiting for its payload to come off the disk leaves a core
+        #: to another
+        self.prefetchers = 2 * workers
+        self.prefetch_limiter = trio.CapacityLimiter(self.prefetchers)
         self.stats = MountStats()
         self._inflight: dict[int, _Job] = {}
         self._served: dict[int, int] = {}
@@ -193,6 +196,7 @@ class Operations(pyfuse3.Operations):
             "cache_bytes": self.cache.size, "cache_capacity": self.cache.capacity,
             "buffers_mapped": self.source.pool.mapped, "buffers_in_use": self.source.pool.in_use,
             "chunks_decoded": self.source.decoded, "bytes_decoded": self.source.decoded_bytes,
+            "decode_seconds": round(self.source.decode_seconds, 3),
             "prefetch_queued": self.stats.prefetch_queued, "prefetch_decoded": self.stats.prefetch_decoded,
             "eio": self.stats.eio, "open_files": len(self._handles), "inflight": len(self._inflight),
             "workers": self.workers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -36,6 +37,8 @@ class ChunkSource:
         #: chunks decoded (cache misses that ran the codec): tests assert on it
         self.decoded = 0
         self.decoded_bytes = 0
+        #: thread-seconds spent decoding: next to wall time, how busy the decoders were
+        self.decode_seconds = 0.0
 
     def get(self, chunk_id: int) -> bytes | memoryview:
         hit = self.cache.get(chunk_id)
@@ -55,6 +58,7 @@ class ChunkSource:
         return widen.widen(memoryview(base)[off:off + need], xform)
 
     def _decode(self, chunk_id: int, allow_delta: bool) -> memoryview:
+        t0 = time.perf_counter()
         with self.store.read() as txn:
             rec = self.store.chunk(txn, chunk_id)
             # start reading this payload (and its base's) from disk before decoding either
@@ -85,6 +89,7 @@ class ChunkSource:
         with self._lock:
             self.decoded += 1
             self.decoded_bytes += len(data)
+            self.decode_seconds += time.perf_counter() - t0
         # a base chunk is done with once its delta is decoded: another fine-tune may ask again
         self.cache.put(chunk_id, data, SLOT if slot is not None else None, cold=not allow_delta)
         return data
