@@ -76,3 +76,19 @@ def test_cache_stays_within_its_bound(stored):
     reader = Reader(store, source)
     assert b"".join(reader.iter_file(layout)) == original
     assert source.cache.size <= 3 << 20
+
+
+def test_reused_buffers_never_change_bytes_a_reader_holds(stored):
+    """Served chunks go cold and their pooled memory is reused at once; a view someone still
+    holds keeps its buffer out of the pool, so its bytes never change under it."""
+    store, layout, original, _, _ = stored
+    source = ChunkSource(store, ChunkCache(4 << 20))
+    held = memoryview(source.get(layout.chunk_ids[3]))
+    want = original[layout.starts[3]:layout.starts[4]]
+    for i, cid in enumerate(layout.chunk_ids):
+        data = source.get(cid)
+        assert bytes(data) == original[layout.starts[i]:layout.starts[i + 1]]
+        source.cache.demote(cid)
+    assert bytes(held) == want
+    # sequential use recycles: one slab of slots, never a slot per chunk decoded
+    assert source.pool.mapped <= 32 << 20 < source.decoded_bytes

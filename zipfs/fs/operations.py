@@ -41,6 +41,8 @@ ENTRY_TIMEOUT = 1.0
 TENSOR_PREFETCH_MAX = 64 << 20
 #: sequential read-ahead, in bytes, once a handle reads sequentially
 SEQUENTIAL_AHEAD = 8 << 20
+#: how far behind the furthest read a read may start and still count as sequential
+SEQUENTIAL_SLACK = 4 << 20
 #: chunks whose served bytes are counted at once (see Operations._served_bytes)
 SERVED_TRACKED = 4096
 
@@ -50,6 +52,7 @@ class Handle:
     """One open file: its extent index in RAM and what prefetch knows of how it is read."""
 
     file: OpenFile
+    #: the furthest offset a read of this handle reached (sequential detection)
     next_off: int = -1
     seen_tensors: set[int] = field(default_factory=set)
     tensor_starts: list[int] = field(default_factory=list)
@@ -305,9 +308,12 @@ class Operations(pyfuse3.Operations):
 
     def _plan_prefetch(self, h: Handle, off: int, size: int) -> None:
         end = off + size
-        if off == h.next_off and end < h.file.layout.size:
-            self._queue_range(h, end, min(h.file.layout.size, end + SEQUENTIAL_AHEAD))
-        h.next_off = end
+        # kernel readahead sends several requests at once and they complete in any order, so a
+        # read counts as sequential when it starts near the furthest point read so far
+        if h.next_off - SEQUENTIAL_SLACK <= off <= h.next_off and end < h.file.layout.size:
+            ahead = max(end, h.next_off)
+            self._queue_range(h, ahead, min(h.file.layout.size, ahead + SEQUENTIAL_AHEAD))
+        h.next_off = max(h.next_off, end) if off <= h.next_off else end
         i = bisect.bisect_right(h.tensor_starts, off) - 1
         if i >= 0 and i not in h.seen_tensors and off < h.file.tensors[i].end:
             h.seen_tensors.add(i)

@@ -49,8 +49,9 @@ class ChunkCache:
             self._drop(key)
             (self._cold if cold else self._hot)[key] = (value, cost)
             self.size += cost
-            while self.size > self.capacity:
-                self.size -= (self._cold or self._hot).popitem(last=False)[1][1]
+            while self.size > self.capacity:  # cold first, but never the chunk just put
+                cold = self._cold and (next(iter(self._cold)) != key or not self._hot)
+                self.size -= (self._cold if cold else self._hot).popitem(last=False)[1][1]
 
     def demote(self, key: int) -> None:
         """The read path is done with key for now: make it the first to go."""
