@@ -94,3 +94,22 @@ def test_delta_without_base_is_corrupt():
     enc = codec.encode(b"\1" * 64, 4, base=b"\0" * 64, delta=codec.SUB)
     with pytest.raises(CorruptChunkError):
         codec.decode(enc.payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=hs.data())
+def test_damaged_delta_payloads_decoded_into_a_given_buffer_never_overrun_it(data):
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal(4096).astype(np.float32).astype("<f4").view("<u2")[1::2].copy()
+    tuned = base + (rng.integers(-3, 4, base.size)).astype("<u2")
+    payload = bytearray(codec.encode(tuned.tobytes(), 2, True, base=base.tobytes(), delta=codec.SUB).payload)
+    i = data.draw(hs.integers(0, len(payload) - 1))
+    payload[i] ^= data.draw(hs.integers(1, 255))
+    out = np.full(tuned.nbytes + 64, 0xAB, dtype=np.uint8)  # 64 guard bytes past the chunk
+    try:
+        got = codec.decode(bytes(payload), base.tobytes(), out[:tuned.nbytes])
+    except CorruptChunkError:
+        got = None
+    assert (out[tuned.nbytes:] == 0xAB).all()
+    if got is not None:
+        assert codec.checksum(got) != codec.checksum(tuned.tobytes()) or bytes(got) == tuned.tobytes()
