@@ -54,6 +54,10 @@ class Reader:
         return b"".join(parts)
 
     def iter_file(self, layout: FileLayout, block: int = 8 << 20) -> Iterator[bytes]:
-        """The whole file in order, block by block."""
+        """The whole file in order, block by block. Chunks behind the pass go to the cache's
+        cold list, so a whole-file pass reuses a few buffers instead of filling the cache."""
         for off in range(0, layout.size, block):
             yield self.read(layout, off, block)
+            *done, _ = layout.extents(off, block)  # the last one may go on into the next block
+            for cid, _, _ in done:
+                self.source.cache.demote(cid)
