@@ -287,69 +287,76 @@ static const char *decode_body(const uint8_t *base, uint8_t *out, Py_ssize_t n,
     return NULL;
 }
 
-/* decode(payload, base_or_None, out) -> n: decode into out[:n]; ValueError names what is malformed */
-static PyObject *py_decode(PyObject *self, PyObject *args) {
-    Py_buffer pl = {0}, base = {0}, out = {0};
-    PyObject *base_obj, *ret = NULL;
-    const char *msg = NULL;
-    char err[200];
+/* Check the header and plane table and decode; NULL or the error message. Runs without the GIL:
+ * the payload is usually a view into the store's map, and its first touch may wait on the disk. */
+static const char *decode_payload(const uint8_t *p, Py_ssize_t len, const uint8_t *base, Py_ssize_t base_len,
+                                  uint8_t *out, Py_ssize_t out_len, char *err, size_t errlen) {
     int method[8];
     const uint8_t *src[8];
     uint32_t size[8];
-    if (!PyArg_ParseTuple(args, "y*Ow*", &pl, &base_obj, &out)) return NULL;
-    if (base_obj != Py_None && PyObject_GetBuffer(base_obj, &base, PyBUF_SIMPLE) < 0) goto done;
-    const uint8_t *p = pl.buf;
-    if (pl.len < HEAD) { msg = "chunk payload is truncated"; goto fail; }
+    if (len < HEAD) return "chunk payload is truncated";
     int version = p[0], flags = p[1], width = p[2];
     Py_ssize_t n = le32(p + 4);
     int delta = flags & (DELTA_XOR | DELTA_SUB);
     if (version != VERSION || (width != 1 && width != 2 && width != 4 && width != 8) || n % width
             || flags & ~7 || delta == (DELTA_XOR | DELTA_SUB)) {
-        snprintf(err, sizeof err, "chunk payload header is invalid (version %d, width %d)", version, width);
-        msg = err;
-        goto fail;
+        snprintf(err, errlen, "chunk payload header is invalid (version %d, width %d)", version, width);
+        return err;
     }
     Py_ssize_t rows = n / width, pos = HEAD + width * PLANE_HEAD;
-    if (pl.len < pos) { msg = "chunk payload is truncated"; goto fail; }
+    if (len < pos) return "chunk payload is truncated";
     for (int k = 0; k < width; k++) {
         method[k] = p[HEAD + k * PLANE_HEAD];
         size[k] = le32(p + HEAD + k * PLANE_HEAD + 1);
         src[k] = p + pos;
-        if ((Py_ssize_t)size[k] > pl.len - pos) { msg = "chunk payload is truncated"; goto fail; }
+        if ((Py_ssize_t)size[k] > len - pos) return "chunk payload is truncated";
         pos += size[k];
         if (!((method[k] == M_CONST && size[k] == 1) || (method[k] == M_RAW && size[k] == rows)
               || method[k] == M_ZSTD)) {
-            snprintf(err, sizeof err, "plane %d has invalid method %d or size %u", k, method[k], size[k]);
-            msg = err;
-            goto fail;
+            snprintf(err, errlen, "plane %d has invalid method %d or size %u", k, method[k], size[k]);
+            return err;
         }
     }
-    if (pos != pl.len) { msg = "chunk payload has trailing bytes"; goto fail; }
-    if (delta && (!base.buf || base.len != n)) { msg = "delta chunk decoded without its base chunk"; goto fail; }
-    if (out.len < n) {
-        PyErr_SetString(PyExc_ValueError, "output buffer is smaller than the chunk");
-        goto done;
+    if (pos != len) return "chunk payload has trailing bytes";
+    if (delta && (!base || base_len != n)) return "delta chunk decoded without its base chunk";
+    if (out_len != n) {
+        snprintf(err, errlen, "chunk payload decodes to %zd bytes, not the %zd expected", n, out_len);
+        return err;
+    }
+    return decode_body(delta ? base : NULL, out, n, width, flags & FLAG_ROTL1, delta, method, src, size, err,
+                       errlen);
+}
+
+/* decode(payload, base_or_None, out): decode into out, which must be exactly the decoded size;
+ * ValueError names what is malformed */
+static PyObject *py_decode(PyObject *self, PyObject *args) {
+    Py_buffer pl = {0}, base = {0}, out = {0};
+    PyObject *base_obj;
+    const char *msg;
+    char err[200];
+    if (!PyArg_ParseTuple(args, "y*Ow*", &pl, &base_obj, &out)) return NULL;
+    if (base_obj != Py_None && PyObject_GetBuffer(base_obj, &base, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&pl);
+        PyBuffer_Release(&out);
+        return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    msg = decode_body(delta ? base.buf : NULL, out.buf, n, width, flags & FLAG_ROTL1, delta, method, src,
-                      size, err, sizeof err);
+    msg = decode_payload(pl.buf, pl.len, base.buf, base.len, out.buf, out.len, err, sizeof err);
     Py_END_ALLOW_THREADS
-    if (msg) goto fail;
-    ret = PyLong_FromSsize_t(n);
-    goto done;
-fail:
-    PyErr_SetString(PyExc_ValueError, msg);
-done:
     PyBuffer_Release(&pl);
     PyBuffer_Release(&out);
     if (base.obj) PyBuffer_Release(&base);
-    return ret;
+    if (msg) {
+        PyErr_SetString(PyExc_ValueError, msg);
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"split", py_split, METH_VARARGS, "split(data, width, rot, delta, base) -> list of planes"},
     {"merge", py_merge, METH_VARARGS, "merge(out, planes, width, rot, delta, base) -> None"},
-    {"decode", py_decode, METH_VARARGS, "decode(payload, base, out) -> n; ValueError if malformed"},
+    {"decode", py_decode, METH_VARARGS, "decode(payload, base, out) -> None; ValueError if malformed"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -132,11 +132,6 @@ def encode(raw: bytes | memoryview, width: int = 1, exp8: bool = False,
     return Encoded(payload, tuple(methods))
 
 
-def needs_base(payload: bytes | memoryview) -> bool:
-    """Whether decoding this payload needs the base chunk it is a delta against."""
-    return len(payload) >= _HEAD.size and bool(payload[1] & (FLAG_XOR | FLAG_SUB))
-
-
 def decoded_size(payload: bytes | memoryview) -> int:
     """Bytes a payload decodes to, from its header, so a caller can provide the output buffer."""
     try:
@@ -147,16 +142,17 @@ def decoded_size(payload: bytes | memoryview) -> int:
 
 def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None,
            out: Any = None) -> memoryview:
-    """Decode a payload into `out` (a writable buffer of at least decoded_size bytes; a fresh
-    one if None); raise CorruptChunkError on anything malformed.
+    """Decode a payload into `out` (a writable buffer of exactly the decoded size, e.g. the
+    chunk record's raw_len; a fresh one if None); raise CorruptChunkError on anything malformed,
+    a size other than out's included.
 
-    Returns a read-only view of the decoded bytes in `out`. The C kernel validates the format
-    and decodes with the GIL released (zipfs/codec/_planes.c).
+    Returns a read-only view of `out`. The C kernel validates the format and decodes with the
+    GIL released, so a payload that is still on the disk blocks only its own thread.
     """
     if out is None:
         out = np.empty(decoded_size(payload), dtype=np.uint8)
     try:
-        n = _planes.decode(payload, base, out)
+        _planes.decode(payload, base, out)
     except ValueError as e:
         raise CorruptChunkError(str(e)) from None
-    return memoryview(out).toreadonly()[:n]
+    return memoryview(out).toreadonly()
