@@ -58,7 +58,6 @@ class ChunkSource:
         return widen.widen(memoryview(base)[off:off + need], xform)
 
     def _decode(self, chunk_id: int, allow_delta: bool) -> memoryview:
-        t0 = time.perf_counter()
         with self.store.read() as txn:
             rec = self.store.chunk(txn, chunk_id)
             # start reading this payload (and its base's) from disk before decoding either
@@ -72,6 +71,7 @@ class ChunkSource:
                 raise CorruptChunkError(
                     f"chunk {chunk_id} is a delta of a delta (base {rec.base}): store is inconsistent")
             base = self.base_bytes(rec.base, rec.base_off, rec.base_xform, rec.raw_len)
+        t0 = time.perf_counter()  # after the base, which counts its own decode
         slot = self._slot(rec.raw_len)
         out = slot if slot is not None else np.empty(rec.raw_len, dtype=np.uint8)
         with self.store.read() as txn:
