@@ -2,7 +2,8 @@
  *
  * split: element bytes -> byte planes, after an optional delta against a base (XOR, or zigzag of
  *        the wrapping integer difference) and an optional rotate-left-by-one of each element.
- * merge: the exact inverse, writing interleaved elements straight into the output buffer.
+ * merge: the exact inverse, writing interleaved elements straight into the output buffer (used
+ *        by decode).
  * decode: a whole chunk payload (format in chunk.py) into a caller's buffer, with the GIL released
  *        throughout: zstd planes go through a per-thread scratch area and decompression context
  *        that are reused, so a decode touches no fresh memory (first-touch page faults cost more
@@ -151,50 +152,6 @@ done:
     PyBuffer_Release(&data);
     if (base.obj) PyBuffer_Release(&base);
     return result;
-}
-
-/* merge(out, planes, width, rot, delta, base_or_None): planes are buffers of len(out)/width */
-static PyObject *py_merge(PyObject *self, PyObject *args) {
-    Py_buffer out = {0}, base = {0}, pv[8];
-    int width, rot, delta, got = 0;
-    PyObject *planes_obj, *base_obj, *ret = NULL;
-    const uint8_t *planes[8];
-    if (!PyArg_ParseTuple(args, "w*OipiO", &out, &planes_obj, &width, &rot, &delta, &base_obj)) return NULL;
-    if (base_obj != Py_None && PyObject_GetBuffer(base_obj, &base, PyBUF_SIMPLE) < 0) goto done;
-    if (check_args(width, delta, out.len, &base) < 0) goto done;
-    if (!PySequence_Check(planes_obj) || PySequence_Size(planes_obj) != width) {
-        PyErr_SetString(PyExc_ValueError, "need one plane per element byte");
-        goto done;
-    }
-    Py_ssize_t rows = out.len / width;
-    for (; got < width; got++) {
-        PyObject *p = PySequence_GetItem(planes_obj, got);
-        if (!p) goto done;
-        int r = PyObject_GetBuffer(p, &pv[got], PyBUF_SIMPLE);
-        Py_DECREF(p);
-        if (r < 0) goto done;
-        if (pv[got].len != rows) {
-            PyErr_SetString(PyExc_ValueError, "a plane has the wrong length");
-            got++;
-            goto done;
-        }
-        planes[got] = pv[got].buf;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    switch (width) {
-        case 1: merge_1(out.buf, base.buf, planes, rows, rot, delta); break;
-        case 2: merge_2(out.buf, base.buf, planes, rows, rot, delta); break;
-        case 4: merge_4(out.buf, base.buf, planes, rows, rot, delta); break;
-        default: merge_8(out.buf, base.buf, planes, rows, rot, delta); break;
-    }
-    Py_END_ALLOW_THREADS
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
-    for (int k = 0; k < got; k++) PyBuffer_Release(&pv[k]);
-    PyBuffer_Release(&out);
-    if (base.obj) PyBuffer_Release(&base);
-    return ret;
 }
 
 /* ---- decode ---- */
@@ -355,7 +312,6 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"split", py_split, METH_VARARGS, "split(data, width, rot, delta, base) -> list of planes"},
-    {"merge", py_merge, METH_VARARGS, "merge(out, planes, width, rot, delta, base) -> None"},
     {"decode", py_decode, METH_VARARGS, "decode(payload, base, out) -> None; ValueError if malformed"},
     {NULL, NULL, 0, NULL},
 };
