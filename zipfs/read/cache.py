@@ -11,10 +11,11 @@ Item = tuple[bytes | memoryview, int]  # a value and the bytes of memory it hold
 class ChunkCache:
     """Holds decoded chunks up to `capacity` bytes, in two LRU lists as in 2Q.
 
-    Chunks the read path is done with (a base chunk once its delta is decoded, a chunk a
-    sequential reader has read to its end: the kernel's page cache holds those bytes now) sit on
-    the cold list, which is evicted first and which `reclaim` empties so that their memory is
-    reused before more is mapped. A cold chunk that is asked for again moves to the hot list.
+    Chunks the read path is done with (a base chunk once its delta is decoded, a chunk whose
+    every byte the mount has handed to the kernel, whose page cache holds them now, chunks
+    behind a whole-file pass) sit on the cold list, which is evicted first and which `reclaim`
+    empties so that their memory is reused before more is mapped. A cold chunk that is asked
+    for again moves to the hot list.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -50,8 +51,8 @@ class ChunkCache:
             (self._cold if cold else self._hot)[key] = (value, cost)
             self.size += cost
             while self.size > self.capacity:  # cold first, but never the chunk just put
-                cold = self._cold and (next(iter(self._cold)) != key or not self._hot)
-                self.size -= (self._cold if cold else self._hot).popitem(last=False)[1][1]
+                from_cold = self._cold and (next(iter(self._cold)) != key or not self._hot)
+                self.size -= (self._cold if from_cold else self._hot).popitem(last=False)[1][1]
 
     def demote(self, key: int) -> None:
         """The read path is done with key for now: make it the first to go."""
