@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 
 from conftest import sha256
+from zipfs.errors import ZipfsError
 from zipfs.ingest import ingester as ingester_mod
 from zipfs.ingest.ingester import Ingester
+from zipfs.ingest.model import ingest_one
+from zipfs.store import inodes
+from zipfs.store.fsck import fsck
 from zipfs.store.lmdb_store import Store
 
 
@@ -62,26 +66,28 @@ def test_malformed_safetensors_are_stored_opaque_and_exact(models, tmp_path, zip
     assert zipfs("verify").code == 0
 
 
-def test_crash_before_the_final_commit_leaves_nothing_visible(models, store_path, monkeypatch):
+def test_failed_final_commit_leaves_nothing_visible_and_frees_its_chunks(models, store_path, monkeypatch):
     src = models["sre"] / "model.safetensors"
 
     def boom(self, *args):
         def op(txn):
-            raise RuntimeError("simulated crash in the final commit")
+            raise RuntimeError("simulated failure in the final commit")
         return op
 
     with Store(store_path) as store:
         with Ingester(store) as ing:
-            ing.ingest_file(models["minilm"] / "config.json", "keep/config.json")
+            ingest_one(ing, models["minilm"] / "config.json", "keep/config.json")
             monkeypatch.setattr(ingester_mod.Ingester, "_commit_file", boom)
-            with pytest.raises(RuntimeError, match="simulated"):
-                ing.ingest_file(src, "sre/model.safetensors")
+            with pytest.raises(ZipfsError, match="simulated"):
+                ingest_one(ing, src, "sre/model.safetensors")
             monkeypatch.undo()
         with store.read() as txn:
-            assert [p for p, _ in store.walk(txn)] == ["keep", "keep/config.json"]
-        with Ingester(store) as ing:  # the retry reuses the chunks written before the crash
-            r = ing.ingest_file(src, "sre/model.safetensors")
-        assert r.reused_chunks == r.chunks
+            assert [p for p, _ in inodes.walk(store, txn)] == ["keep", "keep/config.json"]
+        report = fsck(store)
+        assert report.clean and report.garbage == 0 and report.chunks == 1  # only keep/config.json's
+        with Ingester(store) as ing:  # the retry writes them again
+            r = ingest_one(ing, src, "sre/model.safetensors")
+        assert r.reused_chunks == 0 and fsck(store).clean
 
 
 def test_killed_ingest_process_leaves_a_consistent_store(models, store_path, zipfs):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from conftest import sha256
 from zipfs.formats import safetensors as st
+from zipfs.store import stats
 from zipfs.store.lmdb_store import Store
 
 
@@ -35,8 +35,9 @@ def file_record(store_path: Path, name: str):
 
 
 def model_record(store_path: Path, name: str) -> dict:
-    with Store(store_path) as store, store.read() as txn:
-        return json.loads(bytes(txn.get(name.encode(), db=store.db["models"])))
+    """A model's record as `stats --json` shows it (its base by name)."""
+    with Store(store_path) as store:
+        return stats.compute(store).models[name]
 
 
 def weights_only(models, role: str, tmp_path: Path) -> Path:

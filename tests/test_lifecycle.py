@@ -66,12 +66,12 @@ def test_compact_is_refused_while_mounted(zipfs, models, store_path, tmp_path):
 
 def test_fsck_finds_and_repairs(zipfs, models, store_path):
     assert zipfs("ingest", str(models["minilm"]), "--name", "minilm").code == 0
-    with Store(store_path) as store, store.env.begin(write=True) as txn:
+    with Store(store_path) as store, store.env.begin(write=True, buffers=True) as txn:
         rec = store.file_at(txn, "minilm/model.safetensors")
         cid = int(rec.chunk_ids[3])
         cr = store.chunk(txn, cid)
         cr.refs += 5
-        txn.put(u64key(cid), cr.pack(), db=store.db["chunks"])
+        store.put(txn, "chunks", u64key(cid), cr.pack())
         payload = bytearray(txn.get(u64key(cid), db=store.db["payloads"]))
         payload[-10] ^= 0xFF
         txn.put(u64key(cid), bytes(payload), db=store.db["payloads"])

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -191,8 +192,18 @@ def test_background_mount_fstab_syntax_and_umount(family_store, tmp_path):
         assert os.path.ismount(m)
     finally:
         unmount(m)
-    r = subprocess.run(zipfs_cmd(tmp_path / "nostore", "mount", str(m)), env=env, capture_output=True,
-                       text=True)
+    # a new user starts with an empty mount and copies models in
+    r = subprocess.run(zipfs_cmd(tmp_path / "new", "mount", str(m)), env=env, capture_output=True, text=True)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert os.listdir(m) == []
+        (m / "x.json").write_text("{}")
+        assert (m / "x.json").read_text() == "{}"
+    finally:
+        unmount(m)
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
+    r = subprocess.run(zipfs_cmd(tmp_path / "nostore", "mount", str(m), "--read-only"), env=env,
+                       capture_output=True, text=True)
     assert r.returncode == 1 and "no zipfs store" in r.stderr
 
 

@@ -28,7 +28,7 @@ from zipfs.errors import CorruptChunkError, FormatError  # noqa: E402
 from zipfs.formats import safetensors as st  # noqa: E402
 from zipfs.fs.process import zipfs_cmd  # noqa: E402
 from zipfs.ingest.ingester import Ingester  # noqa: E402
-from zipfs.ingest.model import ingest_model  # noqa: E402
+from zipfs.ingest.model import ingest_model, ingest_one  # noqa: E402
 from zipfs.read.cache import ChunkCache  # noqa: E402
 from zipfs.read.chunks import ChunkSource  # noqa: E402
 from zipfs.read.reader import FileLayout, Reader  # noqa: E402
@@ -131,7 +131,7 @@ def churn(store_path: Path, model_dir: Path, rounds: int) -> dict:
     """Concurrent ingest, rm and gc in separate processes while this one reads and verifies."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     with Store(store_path) as store, Ingester(store) as ing:
-        ing.ingest_file(model_dir / "model.safetensors", "keep/model.safetensors")
+        ingest_one(ing, model_dir / "model.safetensors", "keep/model.safetensors")
     want = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
     cli = " ".join(zipfs_cmd(store_path))
     ingest_rm = (f"for i in $(seq 1 {rounds}); do {cli} ingest {model_dir} --name churn/m$i --workers 1 "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +16,9 @@ from zipfs.errors import ZipfsError
 from zipfs.ingest.ingester import FileReport, Ingester
 from zipfs.read import export as export_mod
 from zipfs.read.reader import Reader
-from zipfs.store import staging
+from zipfs.store import names
 from zipfs.store import stats as stats_mod
 from zipfs.store.lmdb_store import Store, default_store_path
-from zipfs.store.records import LINK, STAGED
 
 
 def human(n: float) -> str:
@@ -53,7 +53,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     if args.name and len(args.paths) > 1:
         raise ZipfsError("--name takes one PATH")
-    total = sum(f.stat().st_size for p in args.paths for f, _ in plan_sources(Path(p), args.name)[1])
+    total = sum(s.st.st_size for p in args.paths for s in plan_sources(Path(p), args.name)[1]
+                if s.kind == "file")
     bar = _progress_bar(total)
     say = bar.write if bar else print
     with _open(args, create=True) as store, store.ingest_lock(), Ingester(
@@ -62,7 +63,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         for p in args.paths:
             m = ingest_model(ing, Path(p), args.name, base=args.base, no_delta=args.no_delta,
                              log=say if args.verbose else lambda _: None,
-                             on_file=lambda r: say(_file_line(r)))
+                             on_file=lambda r: say(_file_line(r)), note=lambda n: say(f"note: {n}"))
             say(f"{m.name}: {human(m.size)} stored in {human(m.new_bytes)} new bytes "
                 f"({m.new_bytes / max(m.size, 1):.3f}); base: {m.base.name or '(none)'} ({m.base.reason})")
     if bar:
@@ -71,44 +72,67 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from zipfs.store import inodes, journal
+
     store = _open(args)
+    damaged: list[str] = []
     with store, store.read() as txn:
         rows = []
-        journal = staging.records(txn, store)
-        for path, e in store.walk(txn, args.path):
-            if e.is_dir:
-                rows.append((path + "/", "", "", ""))
-            elif e.kind == LINK:
-                rows.append((f"{path} -> {os.fsdecode(e.target)}", "", "", "link"))
-            elif e.kind == STAGED:
-                size = journal[e.id].size if e.id in journal else 0
-                rows.append((path, human(size), "", "staged (not yet ingested)"))
+        staged = journal.records(store, txn)
+        for path, node in inodes.walk(store, txn, args.path,
+                                      on_damage=lambda p, e: damaged.append(f"{p}: {e}")):
+            mode = stat.filemode(node.mode)
+            if node.is_dir:
+                rows.append((path + "/", "", "", mode))
+            elif node.is_link:
+                rows.append((f"{path} -> {os.fsdecode(node.target)}", "", "", mode))
+            elif not node.is_reg:
+                rows.append((path, "", "", mode))
+            elif node.content == inodes.STAGED:
+                size = staged[node.content_id].size if node.content_id in staged else node.size
+                rows.append((path, human(size), "", f"{mode} staged (not yet ingested)"))
+            elif node.content == inodes.NONE:
+                rows.append((path, human(0), human(0), f"{mode} empty"))
             else:
-                rec = store.file(txn, e.id)
-                rows.append((path, human(rec.size), human(rec.new_bytes), rec.kind))
+                try:
+                    rec = store.file(txn, node.content_id)
+                except ZipfsError as e:
+                    damaged.append(f"{path}: {e}")
+                    continue
+                rows.append((path, human(rec.size), human(rec.new_bytes), f"{mode} {rec.kind}"))
     width = max((len(r[0]) for r in rows), default=0)
     for path, size, stored, kind in rows:
         print(f"{path:<{width}}  {size:>10}  {stored:>10}  {kind}".rstrip())
-    return 0
+    for d in damaged:
+        print(f"zipfs: damaged: {d}", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
+    if args.offset < 0 or (args.length is not None and args.length < 0):
+        raise ZipfsError("--offset and --length must not be negative")
     with _open(args) as store:
         reader = Reader(store)
         layout = reader.layout(args.path)
         end = layout.size if args.length is None else min(layout.size, args.offset + args.length)
         out = sys.stdout.buffer
         for off in range(args.offset, end, 8 << 20):
-            out.write(reader.read(layout, off, min(8 << 20, end - off)))
+            try:
+                out.write(reader.read(layout, off, min(8 << 20, end - off)))
+            except ZipfsError as e:
+                raise ZipfsError(f"{names.normalize(args.path)}: {e}") from None
         out.flush()
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     with _open(args) as store:
-        for path in export_mod.export(Reader(store), args.name, Path(args.dir)):
-            print(path)
-    return 0
+        res = export_mod.export(Reader(store), args.name, Path(args.dir), on_entry=print)
+    for n in res.notes:
+        print(f"note: {n}", file=sys.stderr)
+    for p in res.problems:
+        print(f"zipfs: {p}", file=sys.stderr)
+    return 1 if res.problems else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -211,6 +235,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"garbage        {human(s.garbage_bytes)} (unreferenced; freed by gc)")
     print(f"staged         {s.staged_files} files, {human(s.staged_bytes)} written through a mount, "
           "not yet ingested")
+    print(f"orphans        {s.orphans} removed or replaced file versions (open somewhere, or until gc)")
     print(f"chunks         {s.chunks}, {s.reused_chunks} dedup hits at ingest")
     for kind, d in s.by_kind.items():
         print(f"  {kind:<12} {d['chunks']:>8} chunks  {human(d['raw_bytes']):>10} -> "
@@ -243,8 +268,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     with _open(args) as store:
         r = gc(store)
-    print(f"freed {r.chunks} chunks, {human(r.bytes)} (run 'zipfs compact' to shrink the file)")
-    return 0
+    print(f"freed {r.files} removed file versions and {r.chunks} chunks, {human(r.bytes)} "
+          "(run 'zipfs compact' to shrink the file)"
+          + (f"; {r.pinned} removed files are still open and kept" if r.pinned else ""))
+    for d in r.damaged:
+        print(f"zipfs: damaged: {d}", file=sys.stderr)
+    return 1 if r.damaged else 0
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -256,7 +285,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print(f"PROBLEM  {p}")
     for p in r.repaired:
         print(f"repaired {p}")
-    print(f"{r.files} files, {r.chunks} chunks ({r.garbage} unreferenced), "
+    print(f"{r.inodes} inodes, {r.files} file versions, {r.chunks} chunks ({r.garbage} unreferenced), "
           f"{r.scrubbed} scrubbed, {len(r.problems)} problems")
     return 0 if r.clean or (args.repair and r.repaired) else 1
 
@@ -411,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"zipfs: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug: still one line, the traceback with ZIPFS_DEBUG=1
+        if os.environ.get("ZIPFS_DEBUG"):
+            raise
+        print(f"zipfs: internal error: {type(e).__name__}: {e} (ZIPFS_DEBUG=1 shows where)", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import pyfuse3
 import trio
 
 from zipfs.errors import ZipfsError
+from zipfs.fs.guard import forever
 from zipfs.fs.namespace import Namespace
 from zipfs.fs.operations import Operations
 from zipfs.fs.writes import WritableOperations
@@ -32,6 +33,7 @@ from zipfs.read.cache import ChunkCache
 from zipfs.read.chunks import ChunkSource
 from zipfs.store import staging
 from zipfs.store.lmdb_store import Store
+from zipfs.store.pins import Pins
 
 log = logging.getLogger("zipfs.mount")
 
@@ -95,9 +97,9 @@ def _setup_logging(opts: MountOptions) -> None:
 async def _serve(ops: Operations, opts: MountOptions) -> None:
     async with trio.open_nursery() as nursery:
         for _ in range(ops.prefetchers):
-            nursery.start_soon(ops.prefetch_worker)
+            nursery.start_soon(forever, "prefetch", ops.prefetch_worker)
         if isinstance(ops, WritableOperations):
-            nursery.start_soon(ops.ingest_worker)
+            nursery.start_soon(forever, "background ingest", ops.ingest_worker)
 
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -137,9 +139,11 @@ def serve(opts: MountOptions, ready: Callable[[str], None] = lambda _: None) -> 
 
 def _serve_store(opts: MountOptions, ready: Callable[[str], None]) -> None:
     check_mountpoint(opts.mountpoint)
-    store = Store(opts.store, create=False)
+    store = Store(opts.store, create=not opts.read_only)
     with ExitStack() as stack:
         stack.callback(store.close)
+        pins = Pins(store.path)
+        stack.callback(pins.close)
         source = ChunkSource(store, ChunkCache(opts.cache_size))
         if not opts.read_only:
             try:
@@ -148,14 +152,20 @@ def _serve_store(opts: MountOptions, ready: Callable[[str], None]) -> None:
                 log.warning("another mount of %s writes its staging area: this one is read-only",
                             opts.store)
                 opts.read_only = True
-        if opts.read_only:
-            _run(Operations(Namespace(store), source, opts.workers), opts, ready)
+        recovered = None
+        if not opts.read_only:
+            try:
+                recovered = staging.recover(store)
+            except ZipfsError as e:
+                log.error("staging recovery failed (%s): serving %s read-only; run zipfs fsck", e, opts.store)
+        if recovered is None:
+            _run(Operations(Namespace(store), source, opts.workers, pins), opts, ready)
             return
-        recovered = staging.recover(store)
-        log.info("staging: %d files to ingest, %d moved to lost+found, %d cut to their acknowledged size",
-                 len(recovered.live), len(recovered.lost), len(recovered.truncated))
+        log.info("staging: %d versions to ingest, %d moved to lost+found, %d cut to their acknowledged "
+                 "size, %d new files never closed", len(recovered.live), len(recovered.lost),
+                 len(recovered.truncated), len(recovered.unnamed))
         ingester = stack.enter_context(Ingester(store, workers=opts.ingest_workers))
-        ops = WritableOperations(Namespace(store), source, opts.workers, ingester, opts.staging_limit,
+        ops = WritableOperations(Namespace(store), source, opts.workers, pins, ingester, opts.staging_limit,
                                  recovered.live)
         _run(ops, opts, ready)
 

@@ -1,10 +1,14 @@
-"""pyfuse3 operations on trio: the read path and metadata; on their own, a read-only mount
-(content is read-only; names can be removed). zipfs.fs.writes adds the write path.
+"""pyfuse3 operations on trio: the read path and metadata; on their own, a read-only mount.
+zipfs.fs.writes adds the write path.
 
 One trio thread runs every handler, so nothing here blocks it: metadata reads and chunk decodes
 run in worker threads; a read whose chunks are all cached returns without awaiting. Concurrent
 readers of one chunk share one decode job. Prefetch (sequential read-ahead, and tensor-aware:
 the first read inside a tensor queues the rest of that tensor) runs in background tasks.
+
+Every handle of an inode shares one LiveFile: what that inode's bytes are now. While any handle
+is open the inode is pinned (zipfs.store.pins), so the version it reads survives rm, a rename
+over it and gc, in this process and in others (POSIX unlink semantics).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import errno
 import json
 import logging
 import os
-import stat
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,19 +26,22 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from zipfs.errors import NotFoundError, ZipfsError
-from zipfs.fs.namespace import FILE_BIT, ROOT_INO, Entry, Namespace, OpenFile
+from zipfs.errors import CorruptChunkError, StoreError, ZipfsError
+from zipfs.fs.guard import guarded
+from zipfs.fs.namespace import Namespace
+from zipfs.fs.versions import Version
 from zipfs.read.chunks import ChunkSource
-from zipfs.store.lifecycle import remove
-from zipfs.store.records import FILE
+from zipfs.read.reader import FileLayout, check_length
+from zipfs.store import inodes, journal
+from zipfs.store.inodes import ROOT, Inode
+from zipfs.store.pins import Pins
+from zipfs.store.records import TensorEntry
 
 log = logging.getLogger("zipfs.mount")
 T = TypeVar("T")
 
-#: a stored file's inode never changes content (a new version is a new inode): cache it long
-STORED_ATTR_TIMEOUT = 300.0
-#: names can change under us (`zipfs ingest` or `rm` from the CLI while mounted); so can
-#: directories, links and staged files: the kernel revalidates them after this long
+#: names can change under us (`zipfs ingest` or `rm` from the CLI while mounted): the kernel
+#: revalidates entries and attributes after this long
 ENTRY_TIMEOUT = 1.0
 #: the most a tensor-aware prefetch queues at once, in bytes
 TENSOR_PREFETCH_MAX = 64 << 20
@@ -45,13 +51,36 @@ SEQUENTIAL_AHEAD = 8 << 20
 SEQUENTIAL_SLACK = 4 << 20
 #: chunks whose served bytes are counted at once (see Operations._served_bytes)
 SERVED_TRACKED = 4096
+#: extended attributes the mount answers itself
+STATE_XATTR, SHA_XATTR, STATS_XATTR = b"user.zipfs.state", b"user.zipfs.sha256", b"user.zipfs.stats"
+
+
+@dataclass(eq=False)
+class LiveFile:
+    """A regular file the mount has open: where its bytes come from now, shared by its handles."""
+
+    ino: int
+    path: str
+    #: stored content (chunks); None while a staged version is what the file shows
+    layout: FileLayout | None
+    tensors: list[TensorEntry] = field(default_factory=list)
+    sha256: str | None = None
+    #: a staged version reads (and, writable mounts, writes) use
+    version: Version | None = None
+    opens: int = 0
+    writers: int = 0
+    #: the inode's record as last seen (what fstat shows once its last name is gone)
+    node: Inode | None = None
+    #: (mtime, ctime) of writes not yet acknowledged (the record has the older ones)
+    times: tuple[int, int] | None = None
 
 
 @dataclass
 class Handle:
-    """One open file: its extent index in RAM and what prefetch knows of how it is read."""
+    """One open file and what prefetch knows of how it is read."""
 
-    file: OpenFile
+    live: LiveFile
+    writable: bool = False
     #: the furthest offset a read of this handle reached (sequential detection)
     next_off: int = -1
     seen_tensors: set[int] = field(default_factory=set)
@@ -78,18 +107,23 @@ class MountStats:
     eio: int = 0
 
 
+@guarded
 class Operations(pyfuse3.Operations):
     """Read-only FUSE operations over a Namespace and a ChunkSource."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    #: the writable mount keeps page caches (every change of a file's bytes comes through the
+    #: kernel); a read-only one sees another mount's writes, so it drops them at each open
+    keep_cache = False
 
-    def __init__(self, ns: Namespace, source: ChunkSource, workers: int) -> None:
+    def __init__(self, ns: Namespace, source: ChunkSource, workers: int, pins: Pins) -> None:
         super().__init__()
         self.ns = ns
         self.source = source
         self.cache = source.cache
+        self.pins = pins
         self.workers = workers
         self.limiter = trio.CapacityLimiter(workers)
         #: prefetch decodes in its own threads: a demand read never waits for a prefetch's token.
@@ -97,43 +131,45 @@ class Operations(pyfuse3.Operations):
         #: to another
         self.prefetchers = 2 * workers
         self.prefetch_limiter = trio.CapacityLimiter(self.prefetchers)
+        #: staging files are read and written in their own threads: they wait on disks
+        self.io_limiter = trio.CapacityLimiter(8)
         self.stats = MountStats()
+        self.live: dict[int, LiveFile] = {}
         self._inflight: dict[int, _Job] = {}
         self._served: dict[int, int] = {}
         self._handles: dict[int, Handle] = {}
-        self._dirs: dict[int, list[tuple[str, Entry]]] = {}
+        self._dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
         self._next_fh = 1
         self._prefetch_q: deque[int] = deque()
         self._prefetch_set: set[int] = set()
         self._prefetch_wake = trio.Event()
         self._prefetch_max = max(4, source.cache.capacity // (2 << 20))
-        self._uid, self._gid = os.getuid(), os.getgid()
 
     # ---- helpers ----
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a store call in a worker thread; map store errors to errno."""
-        try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
-        except NotFoundError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except ZipfsError as e:
-            log.error("store error: %s", e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        """Run a store call in a worker thread (the guard maps its errors to errnos)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    def _attr(self, e: Entry) -> pyfuse3.EntryAttributes:
+    def _overlay(self, node: Inode) -> Inode:
+        """A regular file's attributes as this mount sees them now (unacknowledged writes
+        included); the writable mount overrides."""
+        return node
+
+    def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
+        node = self._overlay(node)
         a = pyfuse3.EntryAttributes()
-        a.st_ino = e.ino
+        a.st_ino = node.ino
         a.generation = 0
-        a.entry_timeout = ENTRY_TIMEOUT
-        a.attr_timeout = STORED_ATTR_TIMEOUT if e.kind == FILE else ENTRY_TIMEOUT
-        a.st_mode = e.mode
-        a.st_nlink = 2 if e.is_dir else 1
-        a.st_uid, a.st_gid = self._uid, self._gid
-        a.st_size = e.size
+        a.entry_timeout = a.attr_timeout = ENTRY_TIMEOUT
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid, a.st_gid = node.uid, node.gid
+        a.st_rdev = node.rdev
+        a.st_size = node.size
         a.st_blksize = 1 << 20
-        a.st_blocks = (e.size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        a.st_blocks = (node.size + 511) // 512
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
         return a
 
     def _new_fh(self) -> int:
@@ -141,37 +177,54 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
+    async def _node(self, ino: int) -> Inode:
+        """The inode's record; an open file whose last name is gone still has its last one."""
+        node = await self._thread(self.ns.find, ino)
+        if node is not None:
+            return node
+        lf = self.live.get(ino)
+        if lf is not None and lf.node is not None:
+            lf.node.nlink = 0
+            return lf.node
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
     # ---- metadata ----
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        text = os.fsdecode(name)
-        if text == ".":
+        if name == b".":
             return await self.getattr(parent_inode, ctx)
-        if text == "..":
-            parent = self.ns.dir_path(parent_inode).rpartition("/")[0]
-            return await self.getattr(self.ns.path_ino(parent), ctx)
-        entry = await self._thread(self.ns.lookup, parent_inode, text)
-        if entry is None:
+        if name == b"..":
+            node = await self._node(parent_inode)
+            return await self.getattr(node.parent if parent_inode != ROOT else ROOT, ctx)
+        node = await self._thread(self.ns.lookup, parent_inode, name)
+        if node is None:
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = 0
             neg.entry_timeout = ENTRY_TIMEOUT
             return neg
-        return self._attr(entry)
+        return self._attr(node)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        return self._attr(await self._thread(self.ns.entry, inode))
+        return self._attr(await self._node(inode))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = await self._node(inode)
+        if not node.is_link:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        entries = await self._thread(self.ns.listdir, inode)
         fh = self._new_fh()
-        self._dirs[fh] = await self._thread(self.ns.listdir, inode)
+        self._dirs[fh] = [(name, self._attr(node)) for name, node in entries]
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self._dirs.get(fh, [])
         for i in range(start_id, len(entries)):
-            name, entry = entries[i]
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(entry), i + 1):
+            name, attr = entries[i]
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 break
 
     async def releasedir(self, fh: int) -> None:
@@ -190,7 +243,7 @@ class Operations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
-    # ---- xattrs: mount statistics on the root, state and sha256 on files ----
+    # ---- xattrs: mount statistics on the root, state and sha256 on files, stored user ones ----
 
     def stats_json(self) -> dict[str, Any]:
         return {
@@ -205,54 +258,128 @@ class Operations(pyfuse3.Operations):
             "workers": self.workers,
         }
 
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        if inode == ROOT_INO:
-            return [b"user.zipfs.stats"]
-        kind = (await self.getattr(inode, ctx)).st_mode
-        return [b"user.zipfs.state", b"user.zipfs.sha256"] if stat.S_ISREG(kind) else []
+    def file_state(self, node: Inode) -> str:
+        """user.zipfs.state of a regular file: stored, or (writable mounts) staged / ingesting."""
+        return "staged" if node.content == inodes.STAGED else "stored"
 
-    def file_state(self, inode: int) -> str | None:
-        """user.zipfs.state of a file inode: stored, or (writable mounts) staged / ingesting."""
-        return "stored" if self.ns.resolve(inode) & FILE_BIT else None
+    async def _virtual_xattrs(self, inode: int) -> dict[bytes, bytes]:
+        if inode == ROOT:
+            return {STATS_XATTR: json.dumps(self.stats_json()).encode()}
+        node = await self._node(inode)
+        if not node.is_reg:
+            return {}
+        state = self.file_state(node)
+        out = {STATE_XATTR: state.encode()}
+        if state == "stored" and node.content:
+            sha = (await self._thread(self.ns.content, node)).sha256
+            if sha:
+                out[SHA_XATTR] = sha.encode()
+        return out
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = list(await self._virtual_xattrs(inode))
+        return names + list(await self._thread(self.ns.xattrs, inode))
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT_INO and name == b"user.zipfs.stats":
-            return json.dumps(self.stats_json()).encode()
-        state = self.file_state(inode)
-        if state is not None and name == b"user.zipfs.state":
-            return state.encode()
-        if state == "stored" and name == b"user.zipfs.sha256":
-            sha = await self._thread(self.ns.sha256, inode)
-            return sha.encode()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if name.startswith(b"user.zipfs."):
+            value = (await self._virtual_xattrs(inode)).get(name)
+        else:
+            value = await self._thread(self.ns.xattr, inode, name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
 
     # ---- the read path ----
+
+    async def _staged_version(self, node: Inode) -> Version:
+        """The staged version a file shows (a read-only mount reads the writer's staging file)."""
+        v = Version(node.content_id, node.ino, journal.staging_path(self.ns.store, node.content_id),
+                    node.size, acked_size=node.size, state="stored")
+        v.fd = await trio.to_thread.run_sync(os.open, v.path, os.O_RDONLY | os.O_CLOEXEC)
+        return v
+
+    async def _live(self, ino: int) -> LiveFile:
+        """The LiveFile of inode ino, loaded (and pinned) on first use."""
+        lf = self.live.get(ino)
+        if lf is not None:
+            return lf
+        self.pins.pin(ino)  # before the record is read: see zipfs.store.pins
+        try:
+            node = await self._thread(self.ns.inode, ino)
+            if not node.is_reg:
+                raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
+            content = await self._thread(self.ns.content, node)
+            path = await self._thread(self.ns.describe, ino)
+            version = await self._staged_version(node) if content.staged else None
+        except BaseException:
+            self.pins.unpin(ino)
+            raise
+        if ino in self.live:  # another request loaded it meanwhile
+            self.pins.unpin(ino)
+            if version is not None:
+                self._drop_version(version)
+            return self.live[ino]
+        lf = self.live[ino] = LiveFile(ino, path, content.layout, content.tensors, content.sha256, version,
+                                       node=node)
+        return lf
+
+    def _drop_version(self, v: Version) -> None:
+        v.close()
+
+    def _forget_live(self, lf: LiveFile) -> None:
+        """The last handle of a file went: unpin it (the writable mount keeps pending ones)."""
+        if lf.opens == 0 and self.live.get(lf.ino) is lf:
+            del self.live[lf.ino]
+            self.pins.unpin(lf.ino)
+            if lf.version is not None:
+                self._drop_version(lf.version)
+
+    def _open_handle(self, lf: LiveFile, writable: bool) -> int:
+        fh = self._new_fh()
+        self._handles[fh] = Handle(lf, writable, tensor_starts=[t.start for t in lf.tensors])
+        lf.opens += 1
+        return fh
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        f = await self._thread(self.ns.open, inode)
-        fh = self._new_fh()
-        self._handles[fh] = Handle(f, tensor_starts=[t.start for t in f.tensors])
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        fh = self._open_handle(await self._live(inode), writable=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache, direct_io=False)
 
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        h.live.opens -= 1
+        self._forget_live(h.live)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handles[fh]
+        v = h.live.version
+        if v is not None:
+            return await self._staged_read(v, size, off)
+        return await self._stored_read(h, off, size)
+
+    async def _staged_read(self, v: Version, size: int, off: int) -> bytes:
+        with v.use():
+            return await trio.to_thread.run_sync(lambda: os.pread(v.open(), size, off),
+                                                 limiter=self.io_limiter)
+
+    async def _stored_read(self, h: Handle, off: int, size: int) -> bytes:
+        layout = h.live.layout
         parts = []
-        for cid, lo, hi in h.file.layout.extents(off, size):
+        for cid, lo, hi, n in layout.extents(off, size):
             data = self.cache.get(cid)
-            if data is None:
-                try:
+            try:
+                if data is None:
                     data = await self._chunk(cid)
-                except ZipfsError as e:
-                    self.stats.eio += 1
-                    log.error("EIO reading %s at offset %d (chunk %d): %s", h.file.path, off, cid, e)
-                    raise pyfuse3.FUSEError(errno.EIO) from None
+                check_length(cid, data, n)
+            except ZipfsError as e:
+                self.stats.eio += 1
+                log.error("EIO reading %s at offset %d (chunk %d): %s", h.live.path, off, cid, e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
             parts.append(memoryview(data)[lo:hi])
-            self._served_bytes(cid, hi - lo, len(data))
+            self._served_bytes(cid, hi - lo, n)
         self.stats.reads += 1
         out = b"".join(parts)
         self.stats.bytes_read += len(out)
@@ -282,6 +409,9 @@ class Operations(pyfuse3.Operations):
                                                             limiter=limiter or self.limiter)
             except ZipfsError as e:
                 job.error = e
+            except Exception as e:  # noqa: BLE001 - every waiter gets an error, never nothing
+                log.exception("decoding chunk %d failed", cid)
+                job.error = StoreError(f"decoding chunk {cid} failed: {e}")
             finally:
                 del self._inflight[cid]
                 job.event.set()
@@ -289,12 +419,14 @@ class Operations(pyfuse3.Operations):
             await job.event.wait()
         if job.error is not None:
             raise job.error
+        if job.result is None:
+            raise CorruptChunkError(f"decoding chunk {cid} was cancelled")
         return job.result
 
     # ---- prefetch ----
 
     def _queue_range(self, h: Handle, start: int, end: int) -> None:
-        for cid, _, _ in h.file.layout.extents(start, end - start):
+        for cid, *_ in h.live.layout.extents(start, end - start):
             if cid in self._prefetch_set or cid in self._inflight or cid in self.cache:
                 continue
             self._prefetch_q.append(cid)
@@ -308,16 +440,17 @@ class Operations(pyfuse3.Operations):
 
     def _plan_prefetch(self, h: Handle, off: int, size: int) -> None:
         end = off + size
+        layout = h.live.layout
         # kernel readahead sends several requests at once and they complete in any order, so a
         # read counts as sequential when it starts near the furthest point read so far
-        if h.next_off - SEQUENTIAL_SLACK <= off <= h.next_off and end < h.file.layout.size:
+        if h.next_off - SEQUENTIAL_SLACK <= off <= h.next_off and end < layout.size:
             ahead = max(end, h.next_off)
-            self._queue_range(h, ahead, min(h.file.layout.size, ahead + SEQUENTIAL_AHEAD))
+            self._queue_range(h, ahead, min(layout.size, ahead + SEQUENTIAL_AHEAD))
         h.next_off = max(h.next_off, end) if off <= h.next_off else end
         i = bisect.bisect_right(h.tensor_starts, off) - 1
-        if i >= 0 and i not in h.seen_tensors and off < h.file.tensors[i].end:
+        if i >= 0 and i not in h.seen_tensors and off < h.live.tensors[i].end:
             h.seen_tensors.add(i)
-            t = h.file.tensors[i]
+            t = h.live.tensors[i]
             self._queue_range(h, end, min(t.end, end + TENSOR_PREFETCH_MAX))
 
     async def prefetch_worker(self) -> None:
@@ -336,36 +469,10 @@ class Operations(pyfuse3.Operations):
             except ZipfsError as e:  # a demand read of it reports the error to its reader
                 log.warning("prefetch of chunk %d failed: %s", cid, e)
 
-    # ---- removing names: the same operation as `zipfs rm` ----
-
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        entry = await self._thread(self.ns.lookup, parent_inode, os.fsdecode(name))
-        if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if entry.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        await self._thread(remove, self.ns.store, [entry.path])
-        self.removed(entry)
-
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        entry = await self._thread(self.ns.lookup, parent_inode, os.fsdecode(name))
-        if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if not entry.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        if await self._thread(self.ns.listdir, entry.ino):
-            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
-        await self._thread(remove, self.ns.store, [entry.path])
-        self.removed(entry)
-
-    def removed(self, entry: Entry) -> None:
-        """A name is gone from the store: forget what the mount kept about it."""
-        self.ns.forget(entry.path)
-
     # ---- a read-only mount (zipfs.fs.writes adds the write path) ----
 
     async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    create = mkdir = mknod = symlink = link = rename = _read_only
+    create = mkdir = mknod = symlink = link = rename = unlink = rmdir = _read_only
     write = setattr = setxattr = removexattr = _read_only

@@ -13,7 +13,7 @@ coding: an unrelated model of the same architecture gains ~1% and must never be 
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +23,10 @@ from zipfs.codec import chunk as codec
 from zipfs.codec import widen
 from zipfs.errors import CorruptChunkError, ZipfsError
 from zipfs.formats import safetensors as st
-from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, plan_file
+from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, open_regular, plan_file, read_prefix
 from zipfs.read.chunks import ChunkSource
+from zipfs.store import inodes
+from zipfs.store import models as models_mod
 from zipfs.store.lmdb_store import Store
 
 #: a base is used only when sampled deltas are at most this fraction of standalone coding
@@ -120,12 +122,12 @@ def local_tensors(files: list[tuple[Path, str]]) -> dict[str, LocalTensor]:
     """Tensors of the safetensors files about to be ingested, by tensor name."""
     out: dict[str, LocalTensor] = {}
     for path, dest in files:
-        with open(path, "rb") as f:
-            size = path.stat().st_size
-            if size == 0:
-                continue
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                plan = plan_file(dest, mm, size)
+        fd = open_regular(path)
+        try:
+            size = os.fstat(fd).st_size
+            plan = plan_file(dest, read_prefix(fd, size), size)
+        finally:
+            os.close(fd)
         for seg in plan.segments:
             if seg.tensor is not None:
                 out[seg.tensor.name] = LocalTensor(path, seg.tensor)
@@ -168,8 +170,10 @@ def stored_index(store: Store, model: str) -> dict[str, BaseTensor]:
     """Tensors of a stored model, by name, with their chunk ids."""
     out: dict[str, BaseTensor] = {}
     with store.read() as txn:
-        for _, fid in store.stored_files(txn, model):
-            rec = store.file(txn, fid)
+        for _, node in inodes.walk(store, txn, model):
+            if node.content != inodes.STORED:
+                continue
+            rec = store.file(txn, node.content_id)
             if rec.kind != "safetensors":
                 continue
             starts = rec.offsets.tolist()
@@ -228,7 +232,7 @@ def choose_base(store: Store, model: str, files: list[tuple[Path, str]], root: P
     if not local:
         return BaseChoice(None, "no safetensors tensors")
     with store.read() as txn:
-        models = store.models(txn)
+        models = models_mod.named(store, txn)
     models.pop(model, None)
     if forced is not None:
         if forced not in models:
@@ -237,7 +241,7 @@ def choose_base(store: Store, model: str, files: list[tuple[Path, str]], root: P
     else:
         hints = metadata_hints(root) if root else []
         # oldest first: among equal candidates (a model and its byte-identical copy) the original wins
-        order = sorted(models, key=lambda m: models[m].get("ingested", 0))
+        order = sorted(models, key=lambda m: models[m].ingested)
         hinted = [m for m in order if any(_hint_matches(h, m) for h in hints)]
         groups = [("metadata hint", hinted), ("sampled delta coding", [m for m in order if m not in hinted])]
     source = ChunkSource(store)

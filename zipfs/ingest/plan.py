@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 
-from zipfs.errors import FormatError
+from zipfs.errors import FormatError, ZipfsError
 from zipfs.formats import safetensors as st
 
 DEFAULT_CHUNK = 1 << 20
@@ -45,3 +48,39 @@ def chunk_ranges(seg: st.Segment, chunk_size: int = DEFAULT_CHUNK) -> list[tuple
     """
     step = max(1, chunk_size // seg.dtype.width) * seg.dtype.width
     return [(s, min(s + step, seg.end)) for s in range(seg.start, seg.end, step)]
+
+
+def pread_exact(fd: int, n: int, off: int) -> bytes:
+    """n bytes at off; ZipfsError when the file is shorter (it shrank while being read)."""
+    parts, got = [], 0
+    while got < n:
+        b = os.pread(fd, min(n - got, 64 << 20), off + got)
+        if not b:
+            raise ZipfsError(f"file shrank while being read (wanted {n} bytes at {off})")
+        parts.append(b)
+        got += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def read_prefix(fd: int, size: int) -> bytes:
+    """The bytes plan_file looks at: the 8-byte length and, when that is a plausible
+    safetensors header length, the header (so planning never reads the whole file)."""
+    first = pread_exact(fd, min(size, 9), 0)
+    try:
+        n = st.header_length(first[:8], size)
+    except FormatError:
+        return first
+    return first[:8] + pread_exact(fd, n, 8)
+
+
+def open_regular(path: Path) -> int:
+    """A read descriptor of a regular file; never blocks (a FIFO is refused, not waited on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ZipfsError(f"cannot read {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ZipfsError(f"{path}: not a regular file")
+    return fd

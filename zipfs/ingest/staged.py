@@ -1,93 +1,98 @@
-"""Ingest one staged file (written through the mount) with the same pipeline as `zipfs ingest`.
+"""Ingest one staged version (written through the mount) with the same pipeline as `zipfs ingest`.
 
 The file's model is its directory. The first tensor file of a model chooses a base the way
 `zipfs ingest` does (sampled delta coding against stored models); later files of that model
-reuse the choice recorded in the models table. The commit claims the staged entry wherever a
-rename has moved it meanwhile, and aborts when the file was removed or replaced.
+reuse the choice recorded in the models table. The commit switches the inode from the staged
+version to the stored one only if the inode still shows exactly that version (not removed, not
+superseded by a newer acknowledged version meanwhile); otherwise it is aborted.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import lmdb
 
+from zipfs.errors import ZipfsError
 from zipfs.ingest.base import BaseChoice, choose_base, stored_index
 from zipfs.ingest.ingester import FileReport, Ingester
-from zipfs.store import names, staging
+from zipfs.store import inodes, journal, models
+from zipfs.store.records import FileRecord
 
 
 @dataclass
 class StagedIngest:
     report: FileReport
-    path: str  # where the file was committed
+    path: str  # where the file is now
     base: str | None
 
 
-def model_of(path: str) -> str:
-    """The model a file belongs to: its directory (a top-level file is a model of its own)."""
-    return path.rpartition("/")[0] or path
-
-
-def _base_for(ing: Ingester, model: str, src: Path, dest: str,
-              cache: dict[str, BaseChoice]) -> BaseChoice:
-    if model in cache:
-        return cache[model]
+def _base_for(ing: Ingester, model: inodes.Inode, model_path: str, sid: int, name: str,
+              cache: dict[int, BaseChoice]) -> BaseChoice:
+    if model.ino in cache:
+        return cache[model.ino]
     store = ing.store
     with store.read() as txn:
-        known = store.models(txn).get(model)
-    if known and known.get("base"):
-        choice = BaseChoice(known["base"], known.get("reason", "recorded"), known.get("ratio", 1.0),
-                            index=stored_index(store, known["base"]), chunk_size=ing.chunk_size)
+        known = models.get(store, txn, model.ino)
+        base = inodes.describe(store, txn, known.base) if known and known.base else None
+    if base is not None:
+        choice = BaseChoice(base, known.reason or "recorded", known.ratio or 1.0,
+                            index=stored_index(store, base), chunk_size=ing.chunk_size)
     else:
-        choice = choose_base(store, model, [(src, dest)], None, chunk_size=ing.chunk_size)
+        choice = choose_base(store, model_path, [(journal.staging_path(store, sid), name)], None,
+                             chunk_size=ing.chunk_size)
         if choice.reason == "no safetensors tensors":
             return choice  # decide on the model's first tensor file, not on its config.json
-    cache[model] = choice
+    cache[model.ino] = choice
     return choice
 
 
-def ingest_staged(ing: Ingester, sid: int, bases: dict[str, BaseChoice]) -> StagedIngest:
-    """Ingest staged file sid; ZipfsError when it was removed meanwhile or cannot be read."""
+def ingest_staged(ing: Ingester, sid: int, ino: int, fd: int, size: int,
+                  bases: dict[int, BaseChoice]) -> StagedIngest:
+    """Ingest staged version sid of inode ino (read from fd, `size` acknowledged bytes);
+    ZipfsError when the inode no longer shows it, or it cannot be read."""
     store = ing.store
-    src = staging.staging_path(store, sid)
     with store.ingest_lock():
         with store.read() as txn:
-            dest = staging.current_path(txn, store, sid)
-        model = model_of(dest)
-        choice = _base_for(ing, model, src, dest, bases)
-        committed: list[str] = []
+            node = inodes.get(store, txn, ino)
+            if (node.content, node.content_id) != (inodes.STAGED, sid):
+                raise ZipfsError(f"staged version #{sid} of inode {ino} was superseded")
+            path = inodes.path_of(store, txn, node)
+            model = inodes.get(store, txn, node.parent) if node.parent != inodes.ROOT else node
+            model_path = inodes.path_of(store, txn, model)
+        choice = _base_for(ing, model, model_path, sid, path, bases)
 
-        def claim(txn: lmdb.Transaction) -> str:
-            committed[:] = [staging.current_path(txn, store, sid)]
-            return committed[0]
+        def commit(txn: lmdb.Transaction, fid: int, frec: FileRecord, rel: inodes.Released) -> None:
+            now = inodes.find(store, txn, ino)
+            row = journal.get(store, txn, sid)
+            if (now is None or (now.content, now.content_id) != (inodes.STAGED, sid) or row is None
+                    or row.state != journal.LIVE or row.size != frec.size):
+                raise ZipfsError(f"{path}: removed or rewritten while being ingested")
+            inodes.set_content(store, txn, now, inodes.STORED, fid, frec.size, rel)
 
-        lookup = choice.lookup if choice.name else None
-        report = ing.ingest_file(src, dest, model=model, base_lookup=lookup, claim=claim)
-    _record_model(ing, model_of(committed[0]), choice, report)
-    return StagedIngest(report, committed[0], choice.name)
+        report = ing.ingest_file(fd, path, commit, base_lookup=choice.lookup if choice.name else None,
+                                 size=size)
+    _record_model(ing, model.ino, choice, report)
+    return StagedIngest(report, path, choice.name)
 
 
-def _record_model(ing: Ingester, model: str, choice: BaseChoice, report: FileReport) -> None:
-    """Create or update the model's record (base, sizes) as `zipfs ingest` would have written it."""
+def _record_model(ing: Ingester, ino: int, choice: BaseChoice, report: FileReport) -> None:
+    """Create or update the model's record (its base, what was ingested into it)."""
     store = ing.store
 
     def op(txn: lmdb.Transaction) -> None:
-        db = store.db["models"]
-        raw = txn.get(names.encode(model), db=db)
-        rec = json.loads(bytes(raw)) if raw is not None else None
-        if rec is None:
+        if inodes.find(store, txn, ino) is None:
+            return
+        m = models.get(store, txn, ino)
+        if m is None:
             if report.kind != "safetensors":
                 return
-            rec = {"base": choice.name, "reason": choice.reason, "ratio": choice.ratio,
-                   "ingested": time.time(), "delta_chunks": 0}
-        files = [store.file(txn, fid) for _, fid in store.stored_files(txn, model)]
-        rec["size"] = sum(f.size for f in files)
-        rec["new_bytes"] = sum(f.new_bytes for f in files)
-        rec["delta_chunks"] = rec.get("delta_chunks", 0) + report.delta_chunks
-        txn.put(names.encode(model), json.dumps(rec).encode(), db=db)
+            base = inodes.resolve(store, txn, choice.name).ino if choice.name else 0
+            m = models.Model(ino, base, choice.reason, choice.ratio, time.time())
+        m.size += report.size
+        m.new_bytes += report.new_bytes
+        m.delta_chunks += report.delta_chunks
+        models.put(store, txn, m)
 
     store.writer.call(op)

@@ -78,6 +78,9 @@ class ChunkSource:
             # decoded straight from the map; only the C decoder touches the payload's bytes,
             # without the GIL, since the first touch may wait on the disk
             payload = self.store.payload(txn, chunk_id)
+            if len(payload) != rec.stored_len:
+                raise CorruptChunkError(f"chunk {chunk_id}: payload is {len(payload)} bytes, its record says "
+                                        f"{rec.stored_len}")
             try:
                 data = codec.decode(payload, base, out)
             except CorruptChunkError as e:

@@ -13,6 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
+
+from zipfs.errors import StoreError
 from zipfs.store.lmdb_store import Store
 
 
@@ -31,10 +34,14 @@ def compact(path: Path) -> CompactResult:
             before = data.stat().st_size
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            store.env.copy(str(tmp), compact=True)
             new = tmp / "data.mdb"
-            with open(new, "rb") as f:
-                os.fsync(f.fileno())
+            try:
+                store.env.copy(str(tmp), compact=True)
+                with open(new, "rb") as f:
+                    os.fsync(f.fileno())
+            except (lmdb.Error, OSError) as e:
+                raise StoreError(f"compact failed, the store is unchanged: {e}") from None
+            os.chmod(new, 0o600)
             store.close()
             os.replace(new, data)
             dirfd = os.open(data.parent, os.O_RDONLY)

@@ -1,8 +1,11 @@
-"""Check a store's integrity: reference counts, missing and orphaned records, and (with scrub)
-every chunk's checksum. Repairs only when asked."""
+"""Check a store's integrity: every record's checksum and structure, the inode table against its
+directory entries, file versions against inodes and orphans, reference counts, the hash index,
+and (with scrub) every chunk's decoded checksum. Repairs only what can be recomputed, and only
+when asked; a damaged record is reported, never guessed at."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,16 +14,17 @@ import lmdb
 from zipfs.errors import ZipfsError
 from zipfs.read.cache import ChunkCache
 from zipfs.read.chunks import ChunkSource
-from zipfs.store import staging
-from zipfs.store.lifecycle import expected_refs
-from zipfs.store.lmdb_store import Store
-from zipfs.store.records import STAGED, key_u64, u64key
+from zipfs.store import inodes, journal, models
+from zipfs.store.lifecycle import expected_refs, file_records
+from zipfs.store.lmdb_store import TABLES, Store
+from zipfs.store.records import ChunkRecord, DamagedRecord, FileRecord, key_u64, u64key
 
 
 @dataclass
 class FsckReport:
     chunks: int = 0
     files: int = 0
+    inodes: int = 0
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     #: unreferenced chunks: not an error (gc frees them)
@@ -32,35 +36,120 @@ class FsckReport:
         return not self.problems
 
 
-def staging_problems(store: Store, txn: lmdb.Transaction) -> list[str]:
-    """Staged namespace entries, journal rows and staging files that do not agree.
+@dataclass
+class _Fixes:
+    refs: dict[int, int] = field(default_factory=dict)
+    orphan_payloads: list[int] = field(default_factory=list)
+    dangling_hashes: list[bytes] = field(default_factory=list)
+    dangling_dirents: list[bytes] = field(default_factory=list)
+    unowned_files: list[int] = field(default_factory=list)
+    stale_orphans: list[int] = field(default_factory=list)
+    stale_models: list[int] = field(default_factory=list)
 
-    A mount's recovery settles tombstones and unacknowledged files; what is reported here is what
-    recovery cannot explain (reported, not repaired: the next mount's recovery acts on it).
-    """
-    journal = {sid: r for sid, r in staging.records(txn, store).items() if r.state == staging.LIVE}
-    named = {e.id: p for p, e in store.walk(txn) if e.kind == STAGED}
-    out = [f"{p}: staged file #{sid} has no journal record" for sid, p in named.items() if sid not in journal]
-    for sid, r in journal.items():
-        if sid not in named:
-            out.append(f"journal record of staged file #{sid} ({r.path}) has no name")
-        elif r.acked and not staging.staging_path(store, sid).exists():
-            out.append(f"{r.path}: staging file of #{sid} is missing")
-    return out
+    def any(self) -> bool:
+        return any(vars(self).values())
 
 
-def fsck(store: Store, scrub: bool = False, repair: bool = False,
-         progress: Callable[[int], None] | None = None) -> FsckReport:
-    rep = FsckReport()
-    with store.ingest_lock(exclusive=repair), store.read() as txn:
-        records = dict(store.iter_chunks(txn))
-        expected = expected_refs(store, txn, records)
-        rep.problems += staging_problems(store, txn)
-        payload_ids = {key_u64(bytes(k)) for k in txn.cursor(db=store.db["payloads"]).iternext(values=False)}
-        hash_index = {bytes(k): key_u64(bytes(v)) for k, v in txn.cursor(db=store.db["chunkhash"])}
-        rep.files = sum(1 for _ in store.stored_files(txn))
+def _records(store: Store, txn: lmdb.Transaction, problems: list[str]) -> None:
+    """Every sealed record's checksum (a damaged one anywhere is a problem)."""
+    for table in TABLES:
+        if table == "payloads":
+            continue
+        for _ in store.scan(txn, table, on_damage=lambda k, e: problems.append(str(e))):
+            pass
+
+
+def _namespace(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes,
+               files: dict[int, FileRecord], orphans: dict[int, int]) -> None:
+    problems = rep.problems
+    nodes: dict[int, inodes.Inode] = {}
+    for k, v in store.scan(txn, "inodes", on_damage=lambda k, e: None):
+        try:
+            nodes[key_u64(k)] = inodes.Inode.unpack(key_u64(k), v)
+        except DamagedRecord as e:
+            problems.append(str(e))
+    rep.inodes = len(nodes)
+    if inodes.ROOT not in nodes or not nodes[inodes.ROOT].is_dir:
+        problems.append("the root directory's inode is missing or not a directory")
+    links: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    dir_entry: dict[int, tuple[int, bytes]] = {}
+    for k, v in store.scan(txn, "dirents", on_damage=lambda k, e: None):
+        parent, name, child = key_u64(k[:8]), k[8:], key_u64(v) if len(v) == 8 else 0
+        where = f"entry {name!r} of directory inode {parent}"
+        if parent not in nodes or not nodes[parent].is_dir:
+            problems.append(f"{where}: its directory is missing")
+            fix.dangling_dirents.append(k)
+        elif child not in nodes:
+            problems.append(f"{where}: points at missing inode {child}")
+            fix.dangling_dirents.append(k)
+        else:
+            links[child] += 1
+            if nodes[child].is_dir:
+                subdirs[parent] += 1
+                if child in dir_entry:
+                    problems.append(f"directory inode {child} has more than one name")
+                dir_entry[child] = (parent, name)
+    owner: dict[int, int] = {}
+    live_rows = {sid: r for sid, r in journal.records(store, txn).items() if r.state == journal.LIVE}
+    for ino, node in nodes.items():
+        want = 2 + subdirs[ino] if node.is_dir else links[ino]
+        if ino != inodes.ROOT and links[ino] == 0:
+            problems.append(f"inode {ino} has no name (unreachable)")
+        elif node.nlink != want:
+            problems.append(f"inode {ino}: link count {node.nlink}, entries say {want}")
+        if node.is_dir and ino != inodes.ROOT and dir_entry.get(ino) != (node.parent, node.name):
+            problems.append(f"directory inode {ino}: its parent pointer does not match its entry")
+        if node.content == inodes.STORED:
+            fid = node.content_id
+            if fid not in files:
+                problems.append(f"{inodes.describe(store, txn, ino)}: its file version {fid} is missing")
+            elif fid in owner or fid in orphans:
+                problems.append(f"file version {fid} is used twice (inode {ino})")
+            elif files[fid].size != node.size:
+                problems.append(f"{inodes.describe(store, txn, ino)}: size {node.size}, its version has "
+                                f"{files[fid].size}")
+            owner[fid] = ino
+        elif node.content == inodes.STAGED:
+            r = live_rows.get(node.content_id)
+            if r is None or not r.acked or r.ino != ino:
+                problems.append(f"{inodes.describe(store, txn, ino)}: its staged version "
+                                f"#{node.content_id} has no acknowledged journal record")
+            elif not journal.staging_path(store, node.content_id).exists():
+                problems.append(f"{inodes.describe(store, txn, ino)}: staging file of #{node.content_id} "
+                                "is missing")
+    for fid in files:
+        if fid not in owner and fid not in orphans:
+            problems.append(f"file version {fid} belongs to no inode")
+            fix.unowned_files.append(fid)
+    for fid in orphans:
+        if fid not in files:
+            problems.append(f"orphan {fid} has no file version")
+            fix.stale_orphans.append(fid)
+    for k, v in store.scan(txn, "models", on_damage=lambda k, e: None):
+        try:
+            m = models.Model.unpack(key_u64(k), v)
+        except DamagedRecord as e:
+            problems.append(str(e))
+            continue
+        if m.ino not in nodes:
+            problems.append(f"model record of missing inode {m.ino}")
+            fix.stale_models.append(m.ino)
+    for k, _ in store.scan(txn, "xattrs", on_damage=lambda k, e: None):
+        if key_u64(k[:8]) not in nodes:
+            problems.append(f"extended attribute of missing inode {key_u64(k[:8])}")
+
+
+def _chunks(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes,
+            files: dict[int, FileRecord]) -> dict[int, ChunkRecord]:
+    records = dict(store.iter_chunks(txn, on_damage=lambda k, e: rep.problems.append(
+        f"chunk {key_u64(k)}: {e}")))
+    expected = expected_refs(files, records)
+    payload_ids = {key_u64(bytes(k)) for k in txn.cursor(db=store.db["payloads"]).iternext(values=False)}
+    hash_index: dict[bytes, int] = {}
+    for k, v in store.scan(txn, "chunkhash", on_damage=lambda k, e: None):
+        hash_index[k] = key_u64(v)
     rep.chunks = len(records)
-    bad_refs: dict[int, int] = {}
     for cid, want in sorted(expected.items()):
         if cid not in records:
             rep.problems.append(f"chunk {cid} is referenced {want} times but missing")
@@ -68,20 +157,61 @@ def fsck(store: Store, scrub: bool = False, repair: bool = False,
         want = expected.get(cid, 0)
         if cr.refs != want:
             rep.problems.append(f"chunk {cid}: reference count {cr.refs}, recomputed {want}")
-            bad_refs[cid] = want
-        if want == 0:
-            rep.garbage += 1
+            fix.refs[cid] = want
+        rep.garbage += want == 0
         if cid not in payload_ids:
             rep.problems.append(f"chunk {cid}: payload missing")
         if cr.base and cr.base in records and records[cr.base].base:
             rep.problems.append(f"chunk {cid}: base {cr.base} is itself a delta (depth > 1)")
-        if cr.hash not in hash_index:
+        if hash_index.get(cr.hash) != cid and cr.hash not in hash_index:
             rep.problems.append(f"chunk {cid}: missing from the content-hash index")
-    orphan_payloads = sorted(payload_ids - records.keys())
-    rep.problems += [f"payload {cid} has no chunk record" for cid in orphan_payloads]
-    dangling = [h for h, cid in hash_index.items() if cid not in records]
-    rep.problems += [f"hash index entry {h.hex()[:16]} points at missing chunk {hash_index[h]}"
-                     for h in dangling]
+    fix.orphan_payloads = sorted(payload_ids - records.keys())
+    rep.problems += [f"payload {cid} has no chunk record" for cid in fix.orphan_payloads]
+    for h, cid in hash_index.items():
+        if cid not in records or records[cid].hash != h:
+            rep.problems.append(f"hash index entry {h.hex()[:16]} points at the wrong chunk ({cid})")
+            fix.dangling_hashes.append(h)
+    return records
+
+
+def _repair(store: Store, fix: _Fixes) -> list[str]:
+    def op(txn: lmdb.Transaction) -> None:
+        for cid, want in fix.refs.items():
+            cr = store.chunk(txn, cid)
+            cr.refs = want
+            store.put(txn, "chunks", u64key(cid), cr.pack())
+        for cid in fix.orphan_payloads:
+            store.delete(txn, "payloads", u64key(cid))
+        for h in fix.dangling_hashes:
+            store.delete(txn, "chunkhash", h)
+        for k in fix.dangling_dirents:
+            store.delete(txn, "dirents", k)
+        for fid in fix.unowned_files:  # gc frees them once no reader pins inode 0 (none does)
+            store.put(txn, "orphans", u64key(fid), u64key(0))
+        for fid in fix.stale_orphans:
+            store.delete(txn, "orphans", u64key(fid))
+        for ino in fix.stale_models:
+            store.delete(txn, "models", u64key(ino))
+
+    store.writer.call(op, frees_space=True)
+    return [f"{len(fix.refs)} reference counts set", f"{len(fix.orphan_payloads)} orphan payloads deleted",
+            f"{len(fix.dangling_hashes)} bad hash index entries deleted",
+            f"{len(fix.dangling_dirents)} dangling directory entries deleted",
+            f"{len(fix.unowned_files)} file versions of no inode handed to gc",
+            f"{len(fix.stale_orphans) + len(fix.stale_models)} stale orphan and model records deleted"]
+
+
+def fsck(store: Store, scrub: bool = False, repair: bool = False,
+         progress: Callable[[int], None] | None = None) -> FsckReport:
+    rep = FsckReport()
+    fix = _Fixes()
+    with store.ingest_lock(exclusive=repair), store.read() as txn:
+        _records(store, txn, rep.problems)
+        files = file_records(store, txn, on_damage=lambda p, e: None)
+        rep.files = len(files)
+        orphans = {key_u64(k): key_u64(v) for k, v in store.scan(txn, "orphans", on_damage=lambda k, e: None)}
+        _namespace(store, txn, rep, fix, files, orphans)
+        records = _chunks(store, txn, rep, fix, files)
     if scrub:
         source = ChunkSource(store, ChunkCache(64 << 20))
         for cid in sorted(records):
@@ -92,18 +222,6 @@ def fsck(store: Store, scrub: bool = False, repair: bool = False,
             rep.scrubbed += 1
             if progress:
                 progress(records[cid].raw_len)
-    if repair and (bad_refs or orphan_payloads or dangling):
-        def op(txn: lmdb.Transaction) -> None:
-            for cid, want in bad_refs.items():
-                cr = store.chunk(txn, cid)
-                cr.refs = want
-                txn.put(u64key(cid), cr.pack(), db=store.db["chunks"])
-            for cid in orphan_payloads:
-                txn.delete(u64key(cid), db=store.db["payloads"])
-            for h in dangling:
-                txn.delete(h, db=store.db["chunkhash"])
-
-        store.writer.call(op)
-        rep.repaired = [f"{len(bad_refs)} reference counts set", f"{len(orphan_payloads)} orphan payloads "
-                        f"deleted", f"{len(dangling)} dangling hash entries deleted"]
+    if repair and fix.any():
+        rep.repaired = _repair(store, fix)
     return rep

@@ -1,22 +1,26 @@
-"""Removing names and freeing what nothing references.
+"""Removing names and freeing what nothing uses any more.
 
-`rm` drops names and their references in one transaction; chunk payloads stay until `gc`. A
-delta chunk holds a reference on its base chunk, so a removed base model's chunks that a
-fine-tune still needs stay stored until the fine-tune is removed too. `gc` takes the ingest lock
-exclusively: chunks an unfinished ingest has written have no references yet and must stay.
+`rm` removes names in one transaction; a file version whose inode loses its last name becomes
+an orphan, still holding its chunk references. `gc` frees orphans whose inode no live process
+pins (an open handle in a mount keeps reading a removed file), then every chunk with no
+references, with its payload; a delta chunk holds a reference on its base chunk, so a removed
+base model's chunks that a fine-tune still needs stay. gc takes the ingest lock exclusively:
+chunks an unfinished ingest has written have no references yet and must stay. Both work on a
+full disk: their commits get the store's reserve given back when they fail for lack of space.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import lmdb
 
-from zipfs.errors import ZipfsError
-from zipfs.store import names, staging
+from zipfs.errors import StoreError, ZipfsError
+from zipfs.store import inodes, journal, models, names, pins
 from zipfs.store.lmdb_store import Store
-from zipfs.store.records import STAGED, ChunkRecord, NsEntry, key_u64, u64key
+from zipfs.store.records import ChunkRecord, DamagedRecord, FileRecord, key_u64, u64key
 
 
 @dataclass
@@ -29,33 +33,14 @@ class RemoveResult:
     still_needed: dict[str, list[str]] = field(default_factory=dict)
 
 
-def add_refs(txn: lmdb.Transaction, store: Store, counts: Counter[int], sign: int = 1) -> None:
+def add_refs(store: Store, txn: lmdb.Transaction, counts: Counter[int], sign: int = 1) -> None:
     """Add (or with sign=-1 remove) references to chunks; a chunk at zero waits for gc."""
     for cid, n in counts.items():
         cr = store.chunk(txn, cid)
         cr.refs += sign * n
         if cr.refs < 0:
-            raise ZipfsError(f"chunk {cid} reference count would go negative: run zipfs fsck")
-        txn.put(u64key(cid), cr.pack(), db=store.db["chunks"])
-
-
-def drop(txn: lmdb.Transaction, store: Store, path: str, e: NsEntry, refs: Counter[int],
-         dead: list[int]) -> int:
-    """Delete one namespace entry; collect the chunk references and staged files it held.
-
-    The caller drops `refs` and, after its commit, purges the `dead` staging files. Returns the
-    logical size of a stored file (0 for anything else).
-    """
-    txn.delete(names.encode(path), db=store.db["ns"])
-    if e.kind == STAGED:
-        staging.tombstone(txn, store, e.id)
-        dead.append(e.id)
-    if e.file_id is None:
-        return 0
-    rec = store.file(txn, e.file_id)
-    refs.update(rec.chunk_ids.tolist())
-    txn.delete(u64key(e.file_id), db=store.db["files"])
-    return rec.size
+            raise StoreError(f"chunk {cid} reference count would go negative: run zipfs fsck --repair")
+        store.put(txn, "chunks", u64key(cid), cr.pack())
 
 
 def remove(store: Store, targets: list[str]) -> RemoveResult:
@@ -63,36 +48,28 @@ def remove(store: Store, targets: list[str]) -> RemoveResult:
     paths = [names.normalize(t) for t in targets]
     if "" in paths:
         raise ZipfsError("refusing to remove the whole store; name what to remove")
-    dead: list[int] = []
+    rel = inodes.Released()
 
     def op(txn: lmdb.Transaction) -> RemoveResult:
         res = RemoveResult()
-        dead.clear()
-        db = store.db
-        refs: Counter[int] = Counter()
+        rel.dead.clear()
+        rel.removed.clear()
+        named = models.named(store, txn)
         for path in paths:
-            for p, e in list(store.walk(txn, path)):  # NotFoundError when absent
-                res.logical_bytes += drop(txn, store, p, e, refs, dead)
-                res.dirs += e.is_dir
-                res.files += not e.is_dir
-            if txn.delete(names.encode(path), db=db["ns"]):  # a directory: walk yields what is under it
-                res.dirs += 1
-        add_refs(txn, store, refs, sign=-1)
-        models = store.models(txn)
-        for m in models:
-            if any(m == p or m.startswith(p + "/") for p in paths):
-                txn.delete(names.encode(m), db=db["models"])
-                res.models.append(m)
-        for m, rec in models.items():
-            if rec.get("base") in res.models and m not in res.models:
-                res.still_needed.setdefault(rec["base"], []).append(m)
+            res.logical_bytes += sum(n.size for _, n in inodes.walk(store, txn, path) if n.is_reg)
+            files, dirs = inodes.remove_tree(store, txn, path, time.time_ns(), rel)
+            res.files += files
+            res.dirs += dirs
+        gone = set(rel.removed)
+        by_ino = {m.ino: n for n, m in named.items()}
+        res.models = sorted(n for n, m in named.items() if m.ino in gone)
+        for name, m in named.items():
+            if m.base in gone and m.ino not in gone and m.base in by_ino:
+                res.still_needed.setdefault(by_ino[m.base], []).append(name)
         return res
 
-    try:
-        res = store.writer.call(op)
-    except KeyError as e:
-        raise ZipfsError(f"store is inconsistent: {e}; run zipfs fsck") from None
-    staging.purge(store, dead)
+    res = store.writer.call(op, frees_space=True)
+    journal.purge(store, rel.dead)
     return res
 
 
@@ -100,18 +77,51 @@ def remove(store: Store, targets: list[str]) -> RemoveResult:
 class GcResult:
     chunks: int = 0
     bytes: int = 0
+    #: file versions freed (removed or replaced files no reader held any more)
+    files: int = 0
+    #: file versions kept because a process still reads their inode
+    pinned: int = 0
+    #: orphans that could not be freed (their record is damaged): fsck --repair recounts
+    damaged: list[str] = field(default_factory=list)
+
+
+def _reap_orphans(store: Store, res: GcResult) -> list[int]:
+    """Free orphaned file versions no live process pins; purge tombstoned versions' files."""
+    def op(txn: lmdb.Transaction) -> list[int]:
+        pinned = pins.live(store.path)  # read inside the transaction: see pins.py
+        res.files = res.pinned = 0
+        res.damaged.clear()
+        refs: Counter[int] = Counter()
+        for k, v in list(store.scan(txn, "orphans", on_damage=lambda k, e: res.damaged.append(str(e)))):
+            if key_u64(v) in pinned:
+                res.pinned += 1
+                continue
+            raw = store.get(txn, "files", k)
+            if raw is not None:
+                try:
+                    refs.update(FileRecord.unpack(raw).chunk_ids.tolist())
+                except DamagedRecord as e:
+                    res.damaged.append(f"file version {key_u64(k)}: {e}")
+                    continue
+                store.delete(txn, "files", k)
+            store.delete(txn, "orphans", k)
+            res.files += 1
+        add_refs(store, txn, refs, sign=-1)
+        return [sid for sid, r in journal.records(store, txn).items() if r.state != journal.LIVE]
+
+    return store.writer.call(op, frees_space=True)
 
 
 def gc(store: Store, batch: int = 1024) -> GcResult:
-    """Free every chunk with no references, with its payload and hash index entry.
-
-    One scan finds the unreferenced chunks; they are freed in batches of transactions. Freeing a
-    delta chunk drops its reference on its base chunk; a base that reaches zero joins the queue.
-    """
+    """Free unpinned orphans, then every chunk with no references, with its payload and hash
+    index entry. Freeing a delta chunk drops its reference on its base chunk; a base that
+    reaches zero joins the queue."""
     res = GcResult()
     with store.ingest_lock(exclusive=True):
+        journal.purge(store, _reap_orphans(store, res))
         with store.read() as txn:
-            queue = [cid for cid, cr in store.iter_chunks(txn) if cr.refs == 0]
+            chunks = store.iter_chunks(txn, on_damage=lambda k, e: res.damaged.append(str(e)))
+            queue = [cid for cid, cr in chunks if cr.refs == 0]
         while queue:
             dead, queue = queue[:batch], queue[batch:]
 
@@ -119,36 +129,52 @@ def gc(store: Store, batch: int = 1024) -> GcResult:
                 n = freed = 0
                 bases: Counter[int] = Counter()
                 for cid in dead:
-                    raw = txn.get(u64key(cid), db=store.db["chunks"])
+                    raw = store.get(txn, "chunks", u64key(cid))
                     if raw is None:
                         continue
                     cr = ChunkRecord.unpack(raw)
                     if cr.refs:  # referenced again meanwhile
                         continue
-                    txn.delete(u64key(cid), db=store.db["chunks"])
-                    txn.delete(u64key(cid), db=store.db["payloads"])
-                    hit = txn.get(cr.hash, db=store.db["chunkhash"])
-                    if hit is not None and key_u64(bytes(hit)) == cid:
-                        txn.delete(cr.hash, db=store.db["chunkhash"])
+                    store.delete(txn, "chunks", u64key(cid))
+                    store.delete(txn, "payloads", u64key(cid))
+                    hit = store.get(txn, "chunkhash", cr.hash)
+                    if hit is not None and key_u64(hit) == cid:
+                        store.delete(txn, "chunkhash", cr.hash)
                     if cr.base:
                         bases[cr.base] += 1
                     n += 1
                     freed += cr.stored_len
-                add_refs(txn, store, bases, sign=-1)
+                add_refs(store, txn, bases, sign=-1)
                 return n, freed, [b for b in bases if store.chunk(txn, b).refs == 0]
 
-            n, freed, cascaded = store.writer.call(op)
+            n, freed, cascaded = store.writer.call(op, frees_space=True)
             res.chunks += n
             res.bytes += freed
             queue += cascaded
+    store.ensure_reserve()
     return res
 
 
-def expected_refs(store: Store, txn: lmdb.Transaction, chunks: dict[int, ChunkRecord]) -> Counter[int]:
-    """Reference counts recomputed from file records and the delta bases of `chunks` (fsck)."""
+def file_records(store: Store, txn: lmdb.Transaction,
+                 on_damage: inodes.OnDamage | None = None) -> dict[int, FileRecord]:
+    """Every file version in the store (live and orphaned), by file id."""
+    out: dict[int, FileRecord] = {}
+    for k, v in store.scan(txn, "files", on_damage=None if on_damage is None
+                           else lambda k, e: on_damage(f"file version {key_u64(k)}", e)):
+        try:
+            out[key_u64(k)] = FileRecord.unpack(v)
+        except DamagedRecord as e:
+            if on_damage is None:
+                raise
+            on_damage(f"file version {key_u64(k)}", e)
+    return out
+
+
+def expected_refs(files: dict[int, FileRecord], chunks: dict[int, ChunkRecord]) -> Counter[int]:
+    """Reference counts recomputed from every file version and the delta bases of `chunks` (fsck)."""
     counts: Counter[int] = Counter()
-    for _, fid in store.stored_files(txn):
-        counts.update(store.file(txn, fid).chunk_ids.tolist())
+    for rec in files.values():
+        counts.update(rec.chunk_ids.tolist())
     for cr in chunks.values():
         if cr.base:
             counts[cr.base] += 1

@@ -1,36 +1,59 @@
-"""The LMDB environment of a store directory, its named databases and read helpers.
+"""The LMDB environment of a store directory: its tables, sealed record access, locks, the reserve.
 
-Layout of a store directory:
+Layout of a store directory (0700; its files 0600):
     lmdb/        LMDB data.mdb + lock.mdb
+    reserve      preallocated space given back when the disk is full, so rm and gc still commit
     ingest.lock  flock: ingests hold it shared, gc exclusive (chunks of an unfinished ingest
                  have no references yet and must not be collected)
     mount.lock   flock: mounts hold it shared, compact exclusive
     staging.lock flock: the one writable mount holds it exclusively
-    staging/     files written through the mount, named by staging id, until ingested
-    lost+found/  staging files recovery found without a journal record (never deleted silently)
+    pins/        one file per process reading file versions (zipfs.store.pins)
+    staging/     file versions written through the mount, named by staging id, until ingested
+    lost+found/  staging files recovery found without an acknowledged journal record
+
+Tables (every value sealed with a checksum over table, key and value, but payloads):
+    meta       schema version and id counters
+    inodes     ino -> Inode (mode, owner, times, size, content, parent and name)
+    dirents    parent ino + name -> child ino
+    files      file id -> FileRecord (a stored file version: extents, sha256)
+    chunks     chunk id -> ChunkRecord;  payloads: chunk id -> encoded bytes
+    chunkhash  blake3 of raw bytes -> chunk id (dedup)
+    models     ino of a model's directory -> its record (base model, sizes)
+    staged     staging id -> journal row of a version written through a mount
+    orphans    file id -> ino: versions no inode uses any more, kept while that ino is pinned
+    xattrs     ino + name -> value (user extended attributes)
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
-import json
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
-from zipfs.errors import NotFoundError, StoreError
-from zipfs.store import names
-from zipfs.store.records import ChunkRecord, FileRecord, NsEntry, key_u64, ns_unpack, u64key
+from zipfs.errors import NotFoundError, StoreError, ZipfsError
+from zipfs.store import datafile
+from zipfs.store.records import ChunkRecord, DamagedRecord, FileRecord, seal, u64key, unseal
 from zipfs.store.writer import Writer
 
-#: 2 added staged files and symbolic links to the namespace, and the `staged` journal
-SCHEMA_VERSION = 2
-DB_NAMES = ("meta", "ns", "files", "chunks", "payloads", "chunkhash", "models", "staged")
+SCHEMA_VERSION = 3
+TABLES = ("meta", "inodes", "dirents", "files", "chunks", "payloads", "chunkhash", "models", "staged",
+          "orphans", "xattrs")
+#: tables of older schemas that an upgrade reads and then empties
+OLD_TABLES = ("ns",)
 DEFAULT_MAP_SIZE = 1 << 40  # a sparse reservation, not disk use
+RESERVE_NAME = "reserve"
+#: the reserve: 1/64 of the store's filesystem, between these bounds
+RESERVE_MIN, RESERVE_MAX = 4 << 20, 64 << 20
+
+#: called with the key and error of a damaged record met while scanning; the scan goes on
+OnDamage = Callable[[bytes, DamagedRecord], None]
 
 
 def default_store_path() -> Path:
@@ -42,6 +65,16 @@ def default_store_path() -> Path:
     return Path(data) / "zipfs"
 
 
+def _private(path: Path, mode: int) -> None:
+    """Tighten a store path we own to mode (older stores were created 0755/0644)."""
+    try:
+        st = path.lstat()
+        if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & ~mode:
+            os.chmod(path, mode)
+    except OSError:
+        pass
+
+
 class Store:
     """An open store. Reads use `read()` transactions; writes go through `writer`."""
 
@@ -49,55 +82,58 @@ class Store:
                  map_size: int = DEFAULT_MAP_SIZE) -> None:
         self.path = Path(path)
         dbdir = self.path / "lmdb"
-        if not (dbdir / "data.mdb").exists():
-            if not create:
-                raise StoreError(f"no zipfs store at {self.path} (run 'zipfs ingest' to create one)")
-            dbdir.mkdir(parents=True, exist_ok=True)
+        data = dbdir / "data.mdb"
+        if data.exists():
+            datafile.check(data)
+        elif not create:
+            raise StoreError(f"no zipfs store at {self.path} (run 'zipfs ingest' or 'zipfs mount' "
+                             "to create one)")
+        else:
+            try:
+                self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                dbdir.mkdir(mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create store {self.path}: {e.strerror}") from None
+        for p, mode in ((self.path, 0o700), (dbdir, 0o700), (data, 0o600), (dbdir / "lock.mdb", 0o600)):
+            _private(p, mode)
         try:
-            self.env = lmdb.open(str(dbdir), map_size=map_size, max_dbs=len(DB_NAMES) + 1,
-                                 max_readers=512, readahead=True, sync=True, metasync=True)
+            self.env = lmdb.open(str(dbdir), map_size=map_size, max_dbs=len(TABLES) + len(OLD_TABLES) + 1,
+                                 max_readers=512, readahead=True, sync=True, metasync=True, mode=0o600)
         except lmdb.Error as e:
             raise StoreError(f"cannot open store {self.path}: {e}") from None
-        self.db = {n: self.env.open_db(n.encode()) for n in DB_NAMES}
-        self._check_schema()
-        self.writer = Writer(self.env, str(self.path))
-        self._data_fd: int | None = None
-        self._map_base: int | None = None
+        self._data_fd = -1
+        try:
+            self._data_fd = os.open(data, os.O_RDONLY)
+            self.db = {n: self.env.open_db(n.encode()) for n in TABLES}
+            self._map_base = self._find_map_base()
+            self._map_size = self.env.info()["map_size"]
+            self._data_size = 0
+            self.writer = Writer(self.env, str(self.path), on_full=self.release_reserve)
+            from zipfs.store import upgrade  # it builds on the namespace layer, which builds on this
 
-    def _check_schema(self) -> None:
-        with self.env.begin(write=True) as txn:
-            raw = txn.get(b"schema", db=self.db["meta"])
-            version = int(raw) if raw is not None else 0
-            if version < SCHEMA_VERSION:  # older schemas are subsets of this one
-                txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self.db["meta"])
-                return
-        if version > SCHEMA_VERSION:
+            upgrade.open_schema(self)
+        except BaseException:
+            if self._data_fd >= 0:
+                os.close(self._data_fd)
             self.env.close()
-            raise StoreError(
-                f"store {self.path} has schema {version}, newer than this zipfs supports "
-                f"({SCHEMA_VERSION}); upgrade zipfs")
+            raise
+        self.ensure_reserve()
 
     def close(self) -> None:
+        if self._data_fd < 0:
+            return
         self.writer.close()
         self.env.close()
-        if self._data_fd is not None:
-            os.close(self._data_fd)
-            self._data_fd = None
+        os.close(self._data_fd)
+        self._data_fd = -1
 
-    def willneed(self, *views: memoryview) -> None:
-        """Ask the kernel to read these values' pages now, in one request each.
+    def __enter__(self) -> Store:
+        return self
 
-        Values are views into LMDB's map; a cold page fault reads only the device's readahead
-        (often 128 KiB) and waits, so a 1 MiB payload would take several serial round trips.
-        """
-        if self._map_base is None:
-            self._map_base = self._find_map_base()
-            self._data_fd = os.open(self.path / "lmdb" / "data.mdb", os.O_RDONLY)
-        if not self._map_base:
-            return
-        for v in views:
-            addr = np.frombuffer(v, dtype=np.uint8).ctypes.data
-            os.posix_fadvise(self._data_fd, addr - self._map_base, len(v), os.POSIX_FADV_WILLNEED)
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the map: values are views into it, checked to lie inside the file ----
 
     def _find_map_base(self) -> int:
         """Start address of this process's mapping of data.mdb (0 when it cannot be found)."""
@@ -112,22 +148,145 @@ class Store:
             pass
         return 0
 
-    def __enter__(self) -> Store:
-        return self
+    def _in_file(self, view: memoryview) -> memoryview:
+        """view, once it is known to lie inside data.mdb: a damaged page can make LMDB hand out
+        a value running past the end of the file, and touching that is a SIGBUS. (A value a write
+        transaction changed lies in that transaction's own memory, outside the map.)"""
+        if not self._map_base or not len(view):
+            return view
+        start = np.frombuffer(view, dtype=np.uint8).ctypes.data - self._map_base
+        if not 0 <= start < self._map_size:
+            return view
+        end = start + len(view)
+        if end > self._data_size:
+            self._data_size = os.fstat(self._data_fd).st_size
+        if end > self._data_size:
+            raise DamagedRecord("a record points outside data.mdb: the store is damaged")
+        return view
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def willneed(self, *views: memoryview) -> None:
+        """Ask the kernel to read these values' pages now, in one request each.
+
+        Values are views into LMDB's map; a cold page fault reads only the device's readahead
+        (often 128 KiB) and waits, so a 1 MiB payload would take several serial round trips.
+        """
+        if not self._map_base:
+            return
+        for v in views:
+            addr = np.frombuffer(v, dtype=np.uint8).ctypes.data
+            os.posix_fadvise(self._data_fd, addr - self._map_base, len(v), os.POSIX_FADV_WILLNEED)
+
+    # ---- transactions and records ----
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
         """A read transaction whose values are zero-copy buffers valid inside the block."""
-        with self.env.begin(buffers=True) as txn:
-            yield txn
+        try:
+            with self.env.begin(buffers=True) as txn:
+                yield txn
+        except lmdb.Error as e:
+            raise StoreError(f"store {self.path} is damaged or unreadable: {e}") from None
+
+    def get(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
+        """The value at key (its seal checked), or None."""
+        raw = txn.get(key, db=self.db[table])
+        if raw is None:
+            return None
+        return unseal(table, key, self._in_file(raw))
+
+    def put(self, txn: lmdb.Transaction, table: str, key: bytes, value: bytes,
+            overwrite: bool = True) -> None:
+        """Store value at key, sealed; with overwrite=False an existing key is an error (a new
+        id that is already taken means a damaged counter, never something to overwrite)."""
+        try:
+            done = txn.put(key, seal(table, key, value), db=self.db[table], overwrite=overwrite)
+        except lmdb.BadValsizeError:
+            raise StoreError(f"{table}: key of {len(key)} bytes is too long for the store") from None
+        if not done:
+            raise StoreError(f"{table} record {key.hex()[:32]} exists already: the store is damaged "
+                             "(run zipfs fsck)")
+
+    def delete(self, txn: lmdb.Transaction, table: str, key: bytes) -> bool:
+        return txn.delete(key, db=self.db[table])
+
+    def scan(self, txn: lmdb.Transaction, table: str, prefix: bytes = b"",
+             on_damage: OnDamage | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of the records whose key starts with prefix, in key order.
+
+        A damaged record raises DamagedRecord, or with on_damage is reported and skipped.
+        """
+        cur = txn.cursor(db=self.db[table])
+        if not cur.set_range(prefix):
+            return
+        for k, v in cur:
+            k = bytes(self._in_file(k))
+            if not k.startswith(prefix):
+                break
+            try:
+                value = unseal(table, k, self._in_file(v))
+            except DamagedRecord as e:
+                if on_damage is None:
+                    raise
+                on_damage(k, e)
+                continue
+            yield k, value
+
+    def payload(self, txn: lmdb.Transaction, chunk_id: int) -> memoryview:
+        raw = txn.get(u64key(chunk_id), db=self.db["payloads"])
+        if raw is None:
+            raise StoreError(f"payload of chunk {chunk_id} is missing from the store")
+        return self._in_file(raw)
+
+    def chunk(self, txn: lmdb.Transaction, chunk_id: int) -> ChunkRecord:
+        raw = self.get(txn, "chunks", u64key(chunk_id))
+        if raw is None:
+            raise StoreError(f"chunk {chunk_id} is missing from the store")
+        return ChunkRecord.unpack(raw)
+
+    def file(self, txn: lmdb.Transaction, file_id: int) -> FileRecord:
+        raw = self.get(txn, "files", u64key(file_id))
+        if raw is None:
+            raise StoreError(f"file record {file_id} is missing")
+        return FileRecord.unpack(raw)
+
+    def file_at(self, txn: lmdb.Transaction, path: str) -> FileRecord:
+        """The stored version of the regular file at path (NotFoundError for anything else)."""
+        from zipfs.store import inodes  # the namespace builds on this module
+
+        node = inodes.resolve(self, txn, path)
+        if not node.is_reg or node.content != inodes.STORED:
+            raise NotFoundError(f"{path}: not a stored file")
+        return self.file(txn, node.content_id)
+
+    def iter_chunks(self, txn: lmdb.Transaction,
+                    on_damage: OnDamage | None = None) -> Iterator[tuple[int, ChunkRecord]]:
+        for k, v in self.scan(txn, "chunks", on_damage=on_damage):
+            try:
+                yield int.from_bytes(k, "big"), ChunkRecord.unpack(v)
+            except DamagedRecord as e:
+                if on_damage is None:
+                    raise
+                on_damage(k, e)
+
+    def next_id(self, txn: lmdb.Transaction, counter: bytes) -> int:
+        """Take the next number of a counter kept in the meta table (ids start at 1)."""
+        raw = self.get(txn, "meta", counter)
+        try:
+            n = int(raw) if raw is not None else 1
+        except ValueError:
+            raise DamagedRecord(f"counter {counter.decode()} is malformed") from None
+        self.put(txn, "meta", counter, str(n + 1).encode())
+        return n
+
+    # ---- locks ----
 
     @contextmanager
     def flock(self, name: str, exclusive: bool = False, wait: bool = True) -> Iterator[None]:
         """An advisory lock file in the store; StoreError when busy and not waiting."""
-        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot open {self.path / name}: {e.strerror}") from None
         try:
             try:
                 mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
@@ -146,100 +305,41 @@ class Store:
         """Mounts share this lock while mounted; compact takes it exclusively."""
         return self.flock("mount.lock", exclusive, wait)
 
-    def next_id(self, txn: lmdb.Transaction, counter: bytes) -> int:
-        """Take the next number of a counter kept in the meta table (ids start at 1)."""
-        raw = txn.get(counter, db=self.db["meta"])
-        n = int(raw) if raw is not None else 1
-        txn.put(counter, str(n + 1).encode(), db=self.db["meta"])
-        return n
+    # ---- the reserve: space that lets rm and gc commit on a full disk ----
 
-    # ---- read helpers (take a transaction so callers control its lifetime) ----
+    def _reserve_size(self) -> int:
+        st = os.statvfs(self.path)
+        return max(RESERVE_MIN, min(RESERVE_MAX, st.f_blocks * st.f_frsize // 64))
 
-    def entry(self, txn: lmdb.Transaction, path: str) -> NsEntry:
-        """The namespace entry at path (the root is a directory); NotFoundError when absent."""
-        path = names.normalize(path)
-        if path == "":
-            return NsEntry(b"D")
-        raw = txn.get(names.encode(path), db=self.db["ns"])
-        if raw is None:
-            raise NotFoundError(f"{path}: no such file or directory in the store")
-        return ns_unpack(raw)
-
-    def file(self, txn: lmdb.Transaction, file_id: int) -> FileRecord:
-        raw = txn.get(u64key(file_id), db=self.db["files"])
-        if raw is None:
-            raise StoreError(f"file record {file_id} is missing")
-        return FileRecord.unpack(raw)
-
-    def file_at(self, txn: lmdb.Transaction, path: str) -> FileRecord:
-        e = self.entry(txn, path)
-        if e.file_id is None:
-            what = {b"D": "a directory", b"S": "still being ingested (staged)", b"L": "a symbolic link"}
-            raise NotFoundError(f"{names.normalize(path)}: is {what[e.kind]}, not a stored file")
-        return self.file(txn, e.file_id)
-
-    def chunk(self, txn: lmdb.Transaction, chunk_id: int) -> ChunkRecord:
-        raw = txn.get(u64key(chunk_id), db=self.db["chunks"])
-        if raw is None:
-            raise StoreError(f"chunk {chunk_id} is missing from the store")
-        return ChunkRecord.unpack(raw)
-
-    def payload(self, txn: lmdb.Transaction, chunk_id: int) -> memoryview:
-        raw = txn.get(u64key(chunk_id), db=self.db["payloads"])
-        if raw is None:
-            raise StoreError(f"payload of chunk {chunk_id} is missing from the store")
-        return raw
-
-    def walk(self, txn: lmdb.Transaction, prefix: str = "") -> Iterator[tuple[str, NsEntry]]:
-        """(path, entry) of everything under prefix, sorted; prefix itself when it is not a directory."""
-        prefix = names.normalize(prefix)
-        cur = txn.cursor(db=self.db["ns"])
-        start = names.encode(prefix + "/") if prefix else b""
-        if prefix:
-            here = txn.get(names.encode(prefix), db=self.db["ns"])
-            if here is None:
-                raise NotFoundError(f"{prefix}: no such file or directory in the store")
-            if not ns_unpack(here).is_dir:
-                yield prefix, ns_unpack(here)
+    def ensure_reserve(self) -> None:
+        """Preallocate the reserve file when it is missing and the disk has room for it."""
+        path = self.path / RESERVE_NAME
+        try:
+            if path.exists():
                 return
-        if not cur.set_range(start):
-            return
-        for k, v in cur:
-            k = bytes(k)
-            if not k.startswith(start):
-                break
-            yield names.decode(k), ns_unpack(v)
+            size = self._reserve_size()
+            st = os.statvfs(self.path)
+            if st.f_bavail * st.f_frsize < 4 * size:
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                return
+            os.close(fd)
+        except OSError:
+            pass
 
-    def stored_files(self, txn: lmdb.Transaction, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """(path, file id) of every stored file under prefix (staged files and links left out)."""
-        for path, e in self.walk(txn, prefix):
-            if e.file_id is not None:
-                yield path, e.file_id
-
-    def children(self, txn: lmdb.Transaction, path: str) -> Iterator[tuple[str, NsEntry]]:
-        """(name, entry) of the direct children of directory `path`, sorted.
-
-        Deeper entries are skipped with one cursor seek per child directory, not walked.
-        """
-        prefix = names.encode(path + "/") if path else b""
-        cur = txn.cursor(db=self.db["ns"])
-        ok = cur.set_range(prefix)
-        while ok:
-            k = bytes(cur.key())
-            if not k.startswith(prefix):
-                break
-            rest = k[len(prefix):]
-            slash = rest.find(b"/")
-            if slash >= 0:  # inside a child directory: jump past it
-                ok = cur.set_range(prefix + rest[:slash] + b"0")  # '0' sorts right after '/'
-                continue
-            yield names.decode(rest), ns_unpack(cur.value())
-            ok = cur.next()
-
-    def models(self, txn: lmdb.Transaction) -> dict[str, dict]:
-        """Model records by name: base, why it was chosen, sizes at ingest."""
-        return {names.decode(k): json.loads(bytes(v)) for k, v in txn.cursor(db=self.db["models"])}
-
-    def iter_chunks(self, txn: lmdb.Transaction) -> Iterator[tuple[int, ChunkRecord]]:
-        for k, v in txn.cursor(db=self.db["chunks"]):
-            yield key_u64(bytes(k)), ChunkRecord.unpack(v)
+    def release_reserve(self) -> bool:
+        """Give the reserve back to the filesystem (the disk is full); True when there was one."""
+        try:
+            os.unlink(self.path / RESERVE_NAME)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                return False
+            raise ZipfsError(f"cannot release the store's reserve: {e.strerror}") from None

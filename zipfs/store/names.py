@@ -1,43 +1,59 @@
-"""Namespace path rules: the names users see in the mount and the CLI."""
+"""Name rules: one component (what a directory entry holds) and whole paths (what the CLI takes).
+
+Names are bytes, as Linux has them; paths given as text are encoded with surrogateescape, so a
+name read from disk with undecodable bytes round-trips. The limits are Linux's: 255 bytes a
+component (ENAMETOOLONG above), 4096 a path.
+"""
 
 from __future__ import annotations
 
-from zipfs.errors import ZipfsError
+import errno
+
+from zipfs.errors import NamespaceError, ZipfsError
 
 MAX_COMPONENT = 255
 MAX_PATH = 4096
 
 
-def normalize(path: str) -> str:
-    """Return the canonical form 'a/b/c' of a store path; refuse anything unsafe.
+def check_component(name: bytes) -> bytes:
+    """name, when it can be a directory entry; NamespaceError (EINVAL, ENAMETOOLONG) otherwise."""
+    if len(name) > MAX_COMPONENT:
+        raise NamespaceError(errno.ENAMETOOLONG, f"name {show(name[:64])}... is over {MAX_COMPONENT} bytes")
+    if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
+        raise NamespaceError(errno.EINVAL, f"invalid name {show(name)}")
+    return name
 
-    Leading and trailing slashes are dropped ('/a/b/' is 'a/b'); the root is ''. Components
-    '.', '..', empty ones, NUL bytes and over-long names are refused, never resolved.
-    """
-    if "\0" in path:
-        raise ZipfsError(f"invalid name {path!r}: contains a NUL byte")
-    parts = path.strip("/").split("/") if path.strip("/") else []
-    for p in parts:
-        if p in ("", ".", ".."):
-            raise ZipfsError(f"invalid name {path!r}: empty, '.' or '..' component")
-        if len(p.encode("utf-8", "surrogateescape")) > MAX_COMPONENT:
-            raise ZipfsError(f"invalid name {path!r}: a component is over {MAX_COMPONENT} bytes")
-    out = "/".join(parts)
-    if len(out.encode("utf-8", "surrogateescape")) > MAX_PATH:
+
+def encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def show(name: bytes) -> str:
+    """A name as text (undecodable bytes kept as surrogates, as os.fsdecode does)."""
+    return name.decode("utf-8", "surrogateescape")
+
+
+def split(path: str) -> list[bytes]:
+    """The components of a store path 'a/b/c' (leading and trailing slashes dropped; '' is the
+    root); ZipfsError for '.', '..', empty components, NUL bytes and over-long names."""
+    raw = encode(path).strip(b"/")
+    if len(raw) > MAX_PATH:
         raise ZipfsError(f"invalid name: path is over {MAX_PATH} bytes")
-    return out
+    if b"\0" in raw:
+        raise ZipfsError(f"invalid name {path!r}: contains a NUL byte")
+    parts = raw.split(b"/") if raw else []
+    for p in parts:
+        try:
+            check_component(p)
+        except NamespaceError as e:
+            raise ZipfsError(f"invalid name {path!r}: {e}") from None
+    return parts
 
 
-def encode(path: str) -> bytes:
-    """LMDB key of a normalized path (names from disk may hold undecodable bytes)."""
-    return path.encode("utf-8", "surrogateescape")
+def normalize(path: str) -> str:
+    """The canonical form 'a/b/c' of a store path; refuse anything unsafe (see split)."""
+    return "/".join(show(p) for p in split(path))
 
 
-def decode(key: bytes | memoryview) -> str:
-    return bytes(key).decode("utf-8", "surrogateescape")
-
-
-def parents(path: str) -> list[str]:
-    """'a/b/c' -> ['a', 'a/b']: the directories that must exist for path."""
-    parts = path.split("/")
-    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+def join(parent: str, name: bytes) -> str:
+    return f"{parent}/{show(name)}" if parent else show(name)

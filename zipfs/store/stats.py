@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from zipfs.store import staging
+from zipfs.store import inodes, journal, models
 from zipfs.store.lmdb_store import Store
 from zipfs.store.records import KIND_NAMES
+from zipfs.store.usage import owner, stored_files
 
 
 @dataclass
@@ -25,8 +26,10 @@ class Stats:
     #: written through a mount, not yet ingested (the backlog)
     staged_files: int = 0
     staged_bytes: int = 0
+    #: removed or replaced file versions still held (by a reader, or until gc)
+    orphans: int = 0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
-    #: per model: its base, logical size, bytes it added, delta chunks
+    #: per model: its base, logical size, bytes its files added, delta chunks
     models: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
@@ -43,15 +46,23 @@ def compute(store: Store) -> Stats:
     raw: Counter[str] = Counter()
     stored: Counter[str] = Counter()
     with store.read() as txn:
-        for _, fid in store.stored_files(txn):
-            rec = store.file(txn, fid)
+        named = models.named(store, txn)
+        s.models = {name: {"base": inodes.describe(store, txn, m.base) if m.base else None, "size": 0,
+                           "new_bytes": 0, "delta_chunks": m.delta_chunks, "reason": m.reason}
+                    for name, m in named.items()}
+        for path, rec in stored_files(store, txn):
             s.files += 1
             s.logical_bytes += rec.size
             s.reused_chunks += rec.reused_chunks
-        for r in staging.records(txn, store).values():
-            if r.state == staging.LIVE:
+            m = s.models.get(owner(path, named))
+            if m is not None:
+                m["size"] += rec.size
+                m["new_bytes"] += rec.new_bytes
+        for r in journal.records(store, txn).values():
+            if r.state == journal.LIVE and r.acked:
                 s.staged_files += 1
                 s.staged_bytes += r.size
+        s.orphans = sum(1 for _ in store.scan(txn, "orphans"))
         for _, cr in store.iter_chunks(txn):
             if cr.refs <= 0:
                 s.garbage_bytes += cr.stored_len
@@ -62,8 +73,6 @@ def compute(store: Store) -> Stats:
             counts[kind] += 1
             raw[kind] += cr.raw_len
             stored[kind] += cr.stored_len
-        keys = ("base", "size", "new_bytes", "delta_chunks", "reason")
-        s.models = {name: {k: rec.get(k) for k in keys} for name, rec in store.models(txn).items()}
     s.by_kind = {k: {"chunks": counts[k], "raw_bytes": raw[k], "stored_bytes": stored[k]}
                  for k in sorted(counts)}
     data = store.path / "lmdb" / "data.mdb"

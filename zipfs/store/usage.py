@@ -10,10 +10,14 @@ whose every reference is its own (a base's chunks stay while a fine-tune's delta
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import lmdb
+
+from zipfs.store import inodes, models
 from zipfs.store.lmdb_store import Store
-from zipfs.store.records import ChunkRecord
+from zipfs.store.records import ChunkRecord, DamagedRecord, FileRecord
 
 EPS = 1e-9
 
@@ -27,28 +31,40 @@ class ModelUsage:
     freed_by_rm: int = 0
 
 
-def _owner(path: str, models: set[str]) -> str:
-    """The model a path belongs to: the longest model name that is a prefix, else its top folder."""
-    best = ""
-    for m in models:
-        if (path == m or path.startswith(m + "/")) and len(m) > len(best):
-            best = m
-    return best or path.split("/", 1)[0]
+def owner(path: str, model_names: set[str] | dict) -> str:
+    """The model a path belongs to: the nearest enclosing model (or itself), else its top folder."""
+    parts = path.split("/")
+    for i in range(len(parts), 0, -1):
+        if "/".join(parts[:i]) in model_names:
+            return "/".join(parts[:i])
+    return parts[0]
+
+
+def stored_files(store: Store, txn: lmdb.Transaction,
+                 on_damage: inodes.OnDamage | None = None) -> Iterator[tuple[str, FileRecord]]:
+    """(path, file record) of every stored file in the store."""
+    for path, node in inodes.walk(store, txn, "", on_damage=on_damage):
+        if node.is_reg and node.content == inodes.STORED:
+            try:
+                yield path, store.file(txn, node.content_id)
+            except DamagedRecord as e:
+                if on_damage is None:
+                    raise
+                on_damage(path, e)
 
 
 def usage(store: Store) -> list[ModelUsage]:
     with store.read() as txn:
-        models = set(store.models(txn))
+        model_names = set(models.named(store, txn))
         out: dict[str, ModelUsage] = {}
         file_refs: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for path, fid in store.stored_files(txn):
-            owner = _owner(path, models)
-            mu = out.setdefault(owner, ModelUsage(owner))
-            rec = store.file(txn, fid)
+        for path, rec in stored_files(store, txn):
+            o = owner(path, model_names)
+            mu = out.setdefault(o, ModelUsage(o))
             mu.files += 1
             mu.logical += rec.size
             for cid in rec.chunk_ids.tolist():
-                file_refs[cid][owner] += 1
+                file_refs[cid][o] += 1
         chunks: dict[int, ChunkRecord] = dict(store.iter_chunks(txn))
     # weights of each chunk's references by model; delta chunks first, then their bases
     weight: dict[int, dict[str, float]] = {}

@@ -3,11 +3,18 @@
 LMDB allows one writer at a time and binds a write transaction to its thread, so every write
 goes through here. Queued operations are batched into one transaction (one fsync for many
 small writes); each runs in a nested transaction, so one failing operation does not abort the
-others in its batch.
+others in its batch. Whatever an operation raises reaches its caller as a ZipfsError (an LMDB
+error is a StoreError), never as something a request handler does not expect.
+
+On a full disk a commit fails; an operation that frees space (rm, gc, the cleanup of a failed
+ingest) then gets the store's reserve released and runs once more, alone, so space can always
+be reclaimed.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import queue
 import threading
@@ -17,8 +24,9 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from zipfs.errors import StoreError
+from zipfs.errors import StoreError, ZipfsError
 
+log = logging.getLogger("zipfs.store")
 T = TypeVar("T")
 #: below this much free space a failed commit is reported as a full disk
 LOW_SPACE = 64 << 20
@@ -28,10 +36,11 @@ _STOP = object()
 class Writer:
     """Runs `op(txn)` callables on a dedicated thread, batched into shared transactions."""
 
-    def __init__(self, env: lmdb.Environment, path: str, max_batch_ops: int = 512,
-                 max_batch_bytes: int = 256 << 20) -> None:
+    def __init__(self, env: lmdb.Environment, path: str, on_full: Callable[[], bool] = lambda: False,
+                 max_batch_ops: int = 512, max_batch_bytes: int = 256 << 20) -> None:
         self._env = env
         self._path = path
+        self._on_full = on_full
         self._q: queue.Queue[Any] = queue.Queue()
         self._max_ops = max_batch_ops
         self._max_bytes = max_batch_bytes
@@ -44,8 +53,14 @@ class Writer:
         self._q.put((op, fut, size))
         return fut
 
-    def call(self, op: Callable[[lmdb.Transaction], T]) -> T:
-        """Run op in a write transaction and wait for its commit."""
+    def call(self, op: Callable[[lmdb.Transaction], T], frees_space: bool = False) -> T:
+        """Run op in a write transaction and wait for its commit. With frees_space, a commit that
+        fails on a full disk is retried once with the store's reserve given back."""
+        try:
+            return self.submit(op).result()
+        except StoreError as e:
+            if not (frees_space and "no space left" in str(e) and self._on_full()):
+                raise
         return self.submit(op).result()
 
     def close(self) -> None:
@@ -81,6 +96,8 @@ class Writer:
     def _explain(self, e: Exception) -> str:
         """LMDB reports a full disk as EIO at commit; say what actually happened."""
         msg = f"store write failed: {e}"
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+            return msg + " (no space left on the store's filesystem)"
         try:
             st = os.statvfs(self._path)
         except OSError:
@@ -93,13 +110,16 @@ class Writer:
     def _commit(self, batch: list[Any]) -> None:
         results: list[tuple[Future[Any], bool, Any]] = []
         try:
-            with self._env.begin(write=True) as txn:
+            with self._env.begin(write=True, buffers=True) as txn:
                 for op, fut, _ in batch:
                     try:
-                        with self._env.begin(write=True, parent=txn) as child:
+                        with self._env.begin(write=True, parent=txn, buffers=True) as child:
                             results.append((fut, True, op(child)))
-                    except Exception as e:  # noqa: BLE001 - handed to the caller's future
+                    except ZipfsError as e:
                         results.append((fut, False, e))
+                    except Exception as e:  # noqa: BLE001 - handed to the caller's future
+                        log.debug("store operation failed", exc_info=True)
+                        results.append((fut, False, StoreError(self._explain(e))))
         except Exception as e:  # noqa: BLE001 - a failed commit fails every op in it
             err = e if isinstance(e, StoreError) else StoreError(self._explain(e))
             for _, fut, _ in batch:

@@ -1,0 +1,75 @@
+"""Model records: a model is a directory (or a single file) ingested as one unit, with its base.
+
+Keyed by the model's inode, so renaming a model (or its base) changes nothing here; names are
+looked up from the inode table when shown.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import lmdb
+
+from zipfs.errors import NotFoundError
+from zipfs.store import inodes
+from zipfs.store.records import DamagedRecord, key_u64, u64key
+
+if TYPE_CHECKING:
+    from zipfs.store.lmdb_store import Store
+
+
+@dataclass
+class Model:
+    ino: int
+    #: the base model's inode (0: none)
+    base: int = 0
+    reason: str = ""
+    ratio: float | None = None
+    ingested: float = 0.0
+    size: int = 0
+    new_bytes: int = 0
+    delta_chunks: int = 0
+
+    def pack(self) -> bytes:
+        rec = asdict(self)
+        del rec["ino"]
+        return json.dumps(rec, separators=(",", ":")).encode()
+
+    @classmethod
+    def unpack(cls, ino: int, raw: bytes) -> Model:
+        try:
+            m = cls(ino, **json.loads(raw))
+        except (ValueError, TypeError):
+            raise DamagedRecord(f"model record of inode {ino} is malformed") from None
+        if not (isinstance(m.base, int) and isinstance(m.size, int) and isinstance(m.new_bytes, int)):
+            raise DamagedRecord(f"model record of inode {ino} is malformed")
+        return m
+
+
+def get(store: Store, txn: lmdb.Transaction, ino: int) -> Model | None:
+    raw = store.get(txn, "models", u64key(ino))
+    return Model.unpack(ino, raw) if raw is not None else None
+
+
+def put(store: Store, txn: lmdb.Transaction, m: Model) -> None:
+    store.put(txn, "models", u64key(m.ino), m.pack())
+
+
+def named(store: Store, txn: lmdb.Transaction,
+          on_damage: inodes.OnDamage | None = None) -> dict[str, Model]:
+    """Every model by its path now (models whose inode is gone are left out)."""
+    out: dict[str, Model] = {}
+    report = None if on_damage is None else lambda k, e: on_damage(f"model record {key_u64(k)}", e)
+    for k, v in store.scan(txn, "models", on_damage=report):
+        try:
+            m = Model.unpack(key_u64(k), v)
+            node = inodes.find(store, txn, m.ino)
+            if node is not None:
+                out[inodes.path_of(store, txn, node)] = m
+        except (DamagedRecord, NotFoundError) as e:
+            if on_damage is None:
+                raise
+            on_damage(f"model record {key_u64(k)}", e)
+    return out
