@@ -12,7 +12,8 @@ setup() {
         for c in python3.11 python3.12 python3; do command -v "$c" >/dev/null && { py=$c; break; }; done
     fi
     [ -n "$py" ] || need+=(python3 python3-venv python3-dev)
-    for p in fuse3 libfuse3-dev libzstd-dev pkg-config gcc; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+    # rsync: the write tests copy models in with it; autoconf, automake, perl: pjdfstest builds and runs
+    for p in fuse3 libfuse3-dev libzstd-dev pkg-config gcc rsync autoconf automake perl; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
     if [ -n "$py" ]; then  # Debian's own Python needs its venv module and headers (pyfuse3 compiles)
         "$py" -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
         "$py" -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' \
