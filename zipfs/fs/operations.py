@@ -178,7 +178,12 @@ class Operations(pyfuse3.Operations):
         return fh
 
     async def _node(self, ino: int) -> Inode:
-        """The inode's record; an open file whose last name is gone still has its last one."""
+        """The inode's record; an open file whose last name is gone still has its last one.
+
+        An inode that is gone is ESTALE, not ENOENT: the kernel may still map a name to it for a
+        moment (another process replaced or removed the name), and on ESTALE it looks the name up
+        again instead of failing the call.
+        """
         node = await self._thread(self.ns.find, ino)
         if node is not None:
             return node
@@ -186,7 +191,7 @@ class Operations(pyfuse3.Operations):
         if lf is not None and lf.node is not None:
             lf.node.nlink = 0
             return lf.node
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        raise pyfuse3.FUSEError(errno.ESTALE)
 
     # ---- metadata ----
 
@@ -292,10 +297,19 @@ class Operations(pyfuse3.Operations):
     # ---- the read path ----
 
     async def _staged_version(self, node: Inode) -> Version:
-        """The staged version a file shows (a read-only mount reads the writer's staging file)."""
+        """The staged version a file shows, held and open (a read-only mount reads the writer's
+        staging file); ZipfsError when its staging file is gone (ingested meanwhile)."""
         v = Version(node.content_id, node.ino, journal.staging_path(self.ns.store, node.content_id),
-                    node.size, acked_size=node.size, state="stored")
-        v.fd = await trio.to_thread.run_sync(os.open, v.path, os.O_RDONLY | os.O_CLOEXEC)
+                    node.size, acked_size=node.size, state="stored", flags=os.O_RDONLY)
+        return await self._hold_open(v)
+
+    async def _hold_open(self, v: Version) -> Version:
+        v.hold()
+        try:
+            await trio.to_thread.run_sync(v.open, limiter=self.io_limiter)
+        except OSError as e:
+            v.let_go()
+            raise StoreError(f"staged version #{v.sid} cannot be opened: {e.strerror}") from None
         return v
 
     async def _live(self, ino: int) -> LiveFile:
@@ -305,7 +319,9 @@ class Operations(pyfuse3.Operations):
             return lf
         self.pins.pin(ino)  # before the record is read: see zipfs.store.pins
         try:
-            node = await self._thread(self.ns.inode, ino)
+            node = await self._thread(self.ns.find, ino)
+            if node is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
             if not node.is_reg:
                 raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
             content = await self._thread(self.ns.content, node)
@@ -317,14 +333,11 @@ class Operations(pyfuse3.Operations):
         if ino in self.live:  # another request loaded it meanwhile
             self.pins.unpin(ino)
             if version is not None:
-                self._drop_version(version)
+                version.let_go()
             return self.live[ino]
         lf = self.live[ino] = LiveFile(ino, path, content.layout, content.tensors, content.sha256, version,
                                        node=node)
         return lf
-
-    def _drop_version(self, v: Version) -> None:
-        v.close()
 
     def _forget_live(self, lf: LiveFile) -> None:
         """The last handle of a file went: unpin it (the writable mount keeps pending ones)."""
@@ -332,7 +345,7 @@ class Operations(pyfuse3.Operations):
             del self.live[lf.ino]
             self.pins.unpin(lf.ino)
             if lf.version is not None:
-                self._drop_version(lf.version)
+                lf.version.let_go()
 
     def _open_handle(self, lf: LiveFile, writable: bool) -> int:
         fh = self._new_fh()

@@ -19,10 +19,18 @@ def zipfs_cmd(store: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "zipfs.cli", "--store", str(store), *args]
 
 
+def is_mounted(mnt: Path) -> bool:
+    """Whether something is mounted at mnt, a dead FUSE mount included (os.path.ismount says no
+    to one: stat on it fails with ENOTCONN)."""
+    target = os.path.abspath(mnt)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].replace("\\040", " ") == target for line in f)
+
+
 def unmount(mnt: Path) -> None:
     """Unmount, lazily if the mount is busy, so nothing is left mounted."""
     for flags in (["-u"], ["-uz"]):
-        if not os.path.ismount(mnt):
+        if not is_mounted(mnt):
             return
         subprocess.run(["fusermount3", *flags, str(mnt)], capture_output=True)
         time.sleep(0.2)

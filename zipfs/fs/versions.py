@@ -1,8 +1,11 @@
 """A staged version of a file's content, as a mount holds it: a staging file and its state.
 
-The descriptor is shared by every handle reading or writing the version; `use()` counts the
-thread calls in flight on it, so it is closed only when none is (closing a descriptor another
-thread is reading could hand that read a different file that reused the number).
+The descriptor is shared by everything that uses the version: the LiveFile that shows it (its
+handles read and write through it), an ingest reading it, each thread call in flight. `users`
+counts them, and the descriptor is closed when the last one lets go, never while one uses it
+(closing a descriptor another thread is reading could hand that read a different file that
+reused the number). A LiveFile opens the descriptor when it takes the version, so the bytes stay
+readable through it even once the staging file is deleted (ingested, superseded, removed).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import trio
 #: states: "working" (written to, in place), "queued" / "ingesting" / "failed" (closed and
 #: acknowledged, waiting for or in ingest), "stored" (ingested, or a read-only mount's view),
 #: "gone" (superseded or removed; read by open handles until they close)
-FROZEN = ("ingesting", "stored", "gone")
 
 
 @dataclass(eq=False)
@@ -39,7 +41,8 @@ class Version:
     error: int = 0
     failure: str = ""
     users: int = 0
-    closing: bool = False
+    #: how a read-only mount opens it
+    flags: int = os.O_RDWR
     ingest_ended: trio.Event | None = None
 
     @property
@@ -51,29 +54,27 @@ class Version:
         return self.writes != self.acked_writes or not self.acked
 
     def open(self) -> int:
-        """The descriptor, (re)opened on demand (blocking: call from a worker thread)."""
+        """The descriptor, opened on demand (blocking: call from a worker thread, inside use()
+        or while held, so it stays open)."""
         if self.fd < 0:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            self.closing = False
+            self.fd = os.open(self.path, self.flags | os.O_CLOEXEC)
         return self.fd
+
+    def hold(self) -> None:
+        self.users += 1
+
+    def let_go(self) -> None:
+        """One user is done; the last one closes the descriptor."""
+        self.users -= 1
+        if self.users == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     @contextmanager
     def use(self) -> Iterator[None]:
         """Around a thread call on fd: the descriptor stays open until it returns."""
-        self.users += 1
+        self.hold()
         try:
             yield
         finally:
-            self.users -= 1
-            if self.closing and not self.users:
-                self.close()
-
-    def close(self) -> None:
-        """Close the descriptor now, or once the calls in flight on it have returned."""
-        if self.users:
-            self.closing = True
-            return
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.closing = False
+            self.let_go()

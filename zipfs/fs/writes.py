@@ -145,10 +145,7 @@ class WritableOperations(Operations):
         for sid in rel.dead:
             v = self.versions.pop(sid, None)
             if v is not None:
-                v.state = "gone"
-                lf = self.live.get(v.ino)
-                if lf is None or lf.version is not v:
-                    v.close()
+                v.state = "gone"  # handles holding it keep reading it
         for ino in rel.removed:
             lf = self.live.get(ino)
             if lf is not None and lf.node is not None:
@@ -210,7 +207,7 @@ class WritableOperations(Operations):
         if v is None:
             raise ZipfsError(f"inode {node.ino}: its staged version #{node.content_id} is not known "
                              "to this mount")
-        return v
+        return await self._hold_open(v)
 
     async def _live(self, ino: int) -> LiveFile:
         try:
@@ -220,7 +217,9 @@ class WritableOperations(Operations):
 
     def _forget_live(self, lf: LiveFile) -> None:
         if lf.opens == 0 and self.live.get(lf.ino) is lf:
-            self._before.pop(lf.ino, None)
+            before = self._before.pop(lf.ino, None)
+            if isinstance(before, Version):
+                before.let_go()
             self._locks.pop(lf.ino, None)
         super()._forget_live(lf)
 
@@ -374,6 +373,7 @@ class WritableOperations(Operations):
                                                               time.time_ns(), rel))
             raise
         v = self.versions[sid] = Version(sid, node.ino, path, 0, fd=fd)
+        v.hold()
         self.pins.pin(node.ino)
         lf = self.live[node.ino] = LiveFile(node.ino, await self._thread(self.ns.describe, node.ino), None,
                                             version=v, node=node)
@@ -454,7 +454,12 @@ class WritableOperations(Operations):
             await self._drop_rows([sid])
             raise
         v = self.versions[sid] = Version(sid, lf.ino, path, size, fd=fd)
-        self._before.setdefault(lf.ino, old if old is not None else layout)
+        v.hold()
+        if lf.ino in self._before:  # the previous working version was never acknowledged
+            if old is not None:
+                old.let_go()
+        else:  # what the file showed, kept (held) to go back to if this version is dropped
+            self._before[lf.ino] = old if old is not None else layout
         lf.version, lf.layout = v, None
         self.wstats.versions_copied += 1
         return v
@@ -558,7 +563,9 @@ class WritableOperations(Operations):
         v.acked_size, v.acked_writes = size, writes
         if lf.times == times:
             lf.times = None  # the record has them now
-        self._before.pop(lf.ino, None)
+        before = self._before.pop(lf.ino, None)
+        if isinstance(before, Version):
+            before.let_go()
         await self._finish(rel)
 
     async def flush(self, fh: int) -> None:
@@ -611,7 +618,7 @@ class WritableOperations(Operations):
         self.versions.pop(v.sid, None)
         v.state = "gone"
         if isinstance(before, Version):
-            lf.version = before
+            lf.version = before  # still held since the copy was made
             if before.acked and lf.writers == 0:
                 self._enqueue(before)
         else:
@@ -620,7 +627,7 @@ class WritableOperations(Operations):
                 await self._remove(lambda txn, rel: self._unname(txn, lf.node, rel))
                 lf.layout = FileLayout.empty()
         await self._drop_rows([v.sid])
-        v.close()
+        v.let_go()
 
     def _unname(self, txn: lmdb.Transaction, node: Inode, rel: inodes.Released) -> None:
         """Remove the name a new file was created under, if it still has it."""
@@ -649,9 +656,6 @@ class WritableOperations(Operations):
                 await self._ingest(v)
             finally:
                 v.ingest_ended.set()
-                lf = self.live.get(v.ino)
-                if lf is None or lf.version is not v:
-                    v.close()
                 self._space_changed()
 
     async def _ingest(self, v: Version) -> None:

@@ -225,14 +225,15 @@ class Ingester:
         seg_hashes: dict[int, list[bytes]] = {}
         stats: Counter[str] = Counter()
         sha = hashlib.sha256()
-        hashed: Future[None] | None = None
+        hashed: deque[Future[None]] = deque()
         max_window = 4 * self.workers
 
         def drain_one() -> None:
-            nonlocal hashed
             si, nbytes, fut = window.popleft()
             prep = fut.result()
-            hashed = self._hasher.submit(sha.update, prep.data)  # one thread: in file order
+            hashed.append(self._hasher.submit(sha.update, prep.data))  # one thread: in file order
+            while len(hashed) > max_window:  # bounded: the bytes wait in memory until hashed
+                hashed.popleft().result()
             seg_hashes.setdefault(si, []).append(prep.hash)
             if prep.chunk_id is not None:
                 ids.append(prep.chunk_id)
@@ -266,8 +267,8 @@ class Ingester:
             while window:
                 drain_one()
             chunk_ids = np.array([i if isinstance(i, int) else i.result() for i in ids], dtype=np.uint64)
-            if hashed is not None:
-                hashed.result()
+            while hashed:
+                hashed.popleft().result()
             tensors = []
             for si, seg in enumerate(plan.segments):
                 if seg.tensor is None:

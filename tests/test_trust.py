@@ -1,0 +1,496 @@
+"""The reproductions of the independent attack on zipfs's promises, one test each, and their siblings.
+
+Nothing acknowledged is lost (versions, not overwrites), never wrong bytes (every record checked),
+no request can kill the mount, open files keep their version against rm, overwrite and gc, and
+permissions are stored and enforced. Each test drives the real CLI and a real FUSE mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import sha256
+from zipfs.fs.process import mounted, unmount, wait_for, zipfs_cmd
+from zipfs.store import inodes
+from zipfs.store.lmdb_store import Store
+from zipfs.store.records import u64key
+
+MiB = 1 << 20
+
+
+def cli(store: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(zipfs_cmd(store, *args), capture_output=True, timeout=timeout)
+
+
+def sync(store: Path, mnt: Path) -> None:
+    r = cli(store, "sync", "--wait", "--timeout", "120", str(mnt))
+    assert r.returncode == 0, r.stderr
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    err = r.stderr.decode()
+    assert r.returncode != 0 and err.startswith("zipfs: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def base_store(models, tmp_path) -> Path:
+    store = tmp_path / "store"
+    assert cli(store, "ingest", str(models["minilm"]), "--name", "base/minilm").returncode == 0
+    return store
+
+
+# ---- nothing acknowledged is lost ----
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "staged"])
+def test_o_trunc_rewrite_killed_before_close_keeps_the_acknowledged_version(base_store, models, tmp_path,
+                                                                            stored):
+    m = tmp_path / "m"
+    target = m / "base/minilm/tokenizer.json"
+    first = (models["minilm"] / "tokenizer.json").read_bytes()
+    if not stored:  # a version written through the mount, closed, not yet ingested
+        first = os.urandom(3 * MiB)
+        with mounted(base_store, m, "--ingest-workers", "1") as proc:
+            target.write_bytes(first)
+            proc.send_signal(signal.SIGKILL)
+    with mounted(base_store, m) as proc:
+        assert target.read_bytes() == first
+        fd = os.open(target, os.O_WRONLY | os.O_TRUNC)
+        for _ in range(20):
+            os.write(fd, os.urandom(MiB))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the mount is gone
+    with mounted(base_store, m, log=tmp_path / "after.log"):
+        assert target.read_bytes() == first
+    assert "lost+found" in os.listdir(base_store)  # the never-acknowledged rewrite is kept there
+    r = cli(base_store, "fsck")
+    assert r.returncode == 0, r.stdout
+
+
+def test_patch_after_fsync_then_kill_leaves_the_fsynced_version(base_store, tmp_path):
+    m = tmp_path / "m"
+    with mounted(base_store, m) as proc:
+        p = m / "f.bin"
+        with open(p, "wb") as f:
+            f.write(b"a" * 100_000)
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(10)
+            f.write(b"XYZ")  # changes acknowledged bytes: a new version, never acknowledged
+            f.flush()
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            try:
+                f.close()
+            except OSError:
+                pass
+    with mounted(base_store, m):
+        assert (m / "f.bin").read_bytes() == b"a" * 100_000
+
+
+# ---- never wrong bytes ----
+
+def _damage_record(store_path: Path, table: str, key: bytes, at: int = 0) -> None:
+    """Flip one byte of a record's stored value, as a bad sector or a stray write would."""
+    with Store(store_path) as store, store.env.begin(write=True) as txn:
+        raw = bytearray(txn.get(key, db=store.db[table]))
+        raw[at] ^= 0x5A
+        txn.put(key, bytes(raw), db=store.db[table])
+
+
+def test_a_damaged_file_record_is_an_error_naming_the_file_everywhere(base_store, models, tmp_path):
+    with Store(base_store) as store, store.read() as txn:
+        fid = inodes.resolve(store, txn, "base/minilm/tokenizer.json").content_id
+    _damage_record(base_store, "files", u64key(fid))
+    r = cli(base_store, "cat", "base/minilm/tokenizer.json")
+    assert r.stdout == b"" and "base/minilm/tokenizer.json" in one_line_error(r)
+    r = cli(base_store, "verify")  # names the file and goes on with the rest
+    out = r.stdout.decode()
+    assert r.returncode == 1 and "FAILED  base/minilm/tokenizer.json" in out and "8 ok, 1 failed" in out, out
+    r = cli(base_store, "fsck", "--scrub")
+    assert r.returncode == 1 and "damaged" in r.stdout.decode()
+    r = cli(base_store, "ls")
+    assert r.returncode == 1 and b"base/minilm/model.safetensors" in r.stdout and b"damaged" in r.stderr
+    m = tmp_path / "m"
+    with mounted(base_store, m) as proc:
+        with pytest.raises(OSError) as e:
+            (m / "base/minilm/tokenizer.json").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert sha256(m / "base/minilm/model.safetensors") == sha256(models["minilm"] / "model.safetensors")
+        assert proc.poll() is None
+
+
+def test_cat_refuses_a_negative_offset(base_store):
+    one_line_error(cli(base_store, "cat", "base/minilm/config.json", "--offset", "-5"))
+    one_line_error(cli(base_store, "cat", "base/minilm/config.json", "--length", "-1"))
+
+
+def test_a_truncated_data_file_is_a_one_line_error_not_sigbus(base_store):
+    data = base_store / "lmdb/data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    for args in (("ls",), ("verify",), ("cat", "base/minilm/config.json"), ("stats",), ("fsck",)):
+        assert "truncated" in one_line_error(cli(base_store, *args))
+
+
+# ---- no request kills the mount ----
+
+def test_long_paths_and_long_names(tmp_path):
+    m = tmp_path / "m"
+    with mounted(tmp_path / "store", m) as proc:
+        deep = m / ("a" * 255) / "c" / ("b" * 255) / ("d" * 255) / ("e" * 255)
+        os.makedirs(deep)
+        (deep / ("f" * 255)).write_bytes(b"deep")
+        assert (deep / ("f" * 255)).read_bytes() == b"deep"
+        with pytest.raises(OSError) as e:
+            (m / ("x" * 256)).write_bytes(b"")
+        assert e.value.errno == errno.ENAMETOOLONG
+        with pytest.raises(OSError) as e:
+            os.mkdir(m / ("y" * 256))
+        assert e.value.errno == errno.ENAMETOOLONG
+        os.rename(m / ("a" * 255), m / "short")
+        assert (m / "short/c" / ("b" * 255) / ("d" * 255) / ("e" * 255) / ("f" * 255)).read_bytes() == b"deep"
+        assert proc.poll() is None
+    r = cli(tmp_path / "store", "ls")
+    assert r.returncode == 0 and ("f" * 255).encode() in r.stdout
+
+
+# ---- open files keep their version ----
+
+def test_gc_while_a_removed_file_is_read_through_a_held_descriptor(base_store, models, tmp_path):
+    m = tmp_path / "m"
+    want = (models["minilm"] / "model.safetensors").read_bytes()
+    with mounted(base_store, m):
+        held = open(m / "base/minilm/model.safetensors", "rb")  # noqa: SIM115 - held across rm and gc
+        other = open(m / "base/minilm/tokenizer.json", "rb")  # noqa: SIM115
+        assert cli(base_store, "rm", "base/minilm/model.safetensors").returncode == 0
+        os.unlink(m / "base/minilm/tokenizer.json")
+        r = cli(base_store, "gc")
+        assert r.returncode == 0 and b"still open" in r.stdout, r.stdout
+        got = hashlib.sha256()
+        for i in range(10**6):
+            block = held.read(3 * MiB + 17)
+            if not block:
+                break
+            got.update(block)
+            if i % 8 == 0:
+                assert cli(base_store, "gc").returncode == 0
+        assert got.hexdigest() == hashlib.sha256(want).hexdigest()
+        assert other.read() == (models["minilm"] / "tokenizer.json").read_bytes()
+        held.close()
+        other.close()
+        wait_for(lambda: b"still open" not in cli(base_store, "gc").stdout, 10, "the pins to go")
+    r = cli(base_store, "fsck")
+    assert r.returncode == 0 and b" 7 file versions" in r.stdout, r.stdout
+
+
+def test_an_overwritten_file_keeps_its_old_version_for_open_readers(base_store, models, tmp_path):
+    m = tmp_path / "m"
+    old = (models["minilm"] / "tokenizer.json").read_bytes()
+    with mounted(base_store, m):
+        held = open(m / "base/minilm/tokenizer.json", "rb")  # noqa: SIM115
+        (m / "new.json").write_bytes(b"{}")
+        os.rename(m / "new.json", m / "base/minilm/tokenizer.json")  # replaces it
+        cfg = open(m / "base/minilm/config.json", "rb")  # noqa: SIM115
+        assert cli(base_store, "ingest", str(models["sre"] / "config.json"), "--name",
+                   "base/minilm/config.json").returncode == 0  # replaced from another process
+        assert cli(base_store, "gc").returncode == 0
+        assert held.read() == old
+        assert cfg.read() == (models["minilm"] / "config.json").read_bytes()
+        held.close()
+        cfg.close()
+        assert (m / "base/minilm/tokenizer.json").read_bytes() == b"{}"
+        wait_for(lambda: (m / "base/minilm/config.json").read_bytes() ==
+                 (models["sre"] / "config.json").read_bytes(), 5, "the new name to show")
+
+
+def test_writes_through_one_descriptor_are_seen_by_another_at_once(base_store, models, tmp_path):
+    m = tmp_path / "m"
+    with mounted(base_store, m):
+        p = m / "base/minilm/tokenizer.json"
+        reader = os.open(p, os.O_RDONLY)  # opened before the write
+        before = os.pread(reader, 100, 0)
+        writer = os.open(p, os.O_WRONLY)
+        os.pwrite(writer, b"CHANGED", 3)
+        assert os.pread(reader, 100, 0) == before[:3] + b"CHANGED" + before[10:]
+        os.fsync(writer)
+        os.close(writer)
+        sync(base_store, m)  # ingested meanwhile: the reader still sees the same bytes
+        assert os.pread(reader, 100, 0) == before[:3] + b"CHANGED" + before[10:]
+        os.close(reader)
+
+
+def test_rewriting_in_place_while_others_stat_and_open_it(base_store, tmp_path):
+    m = tmp_path / "m"
+    errors: list[str] = []
+    stop = threading.Event()
+    with mounted(base_store, m):
+        p = m / "busy.bin"
+        p.write_bytes(b"0" * 4096)
+
+        def poke() -> None:
+            while not stop.is_set():
+                try:
+                    os.stat(p)
+                    with open(p, "rb") as f:
+                        f.read(10)
+                except OSError as e:
+                    errors.append(os.strerror(e.errno))
+
+        threads = [threading.Thread(target=poke) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 8
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            with open(p, "r+b") as f:
+                f.seek(i % 4000)
+                f.write(b"x")
+            if i % 7 == 0:
+                time.sleep(0.05)  # let its ingest commit meanwhile
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:10]
+
+
+def test_cli_rm_of_a_file_open_for_writing(base_store, tmp_path):
+    m = tmp_path / "m"
+    with mounted(base_store, m):
+        with open(m / "w.bin", "wb") as f:
+            f.write(b"x" * 1000)
+            f.flush()
+            os.fsync(f.fileno())
+            assert cli(base_store, "rm", "w.bin").returncode == 0
+            f.write(b"y" * 1000)  # writes to a removed file succeed, as POSIX says
+        # close succeeded; nothing of it is left behind
+        sync(base_store, m)
+        assert not (m / "w.bin").exists()
+    assert not os.listdir(base_store / "staging")
+    assert cli(base_store, "fsck").returncode == 0
+
+
+# ---- permissions ----
+
+def test_modes_owners_and_umask_are_kept_and_the_store_is_private(base_store, tmp_path):
+    m = tmp_path / "m"
+    with mounted(base_store, m):
+        p = m / "f.txt"
+        p.write_bytes(b"x")
+        os.chmod(p, 0o640)
+        os.chown(p, 1234, 5678)
+        st = os.stat(p)
+        assert stat.S_IMODE(st.st_mode) == 0o640 and (st.st_uid, st.st_gid) == (1234, 5678)
+        old = os.umask(0o077)
+        try:
+            (m / "private.txt").write_bytes(b"secret")
+            os.mkdir(m / "private.d")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(os.stat(m / "private.txt").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(m / "private.d").st_mode) == 0o700
+    with mounted(base_store, m):  # durable
+        st = os.stat(m / "f.txt")
+        assert stat.S_IMODE(st.st_mode) == 0o640 and (st.st_uid, st.st_gid) == (1234, 5678)
+    for path, mode in ((base_store, 0o700), (base_store / "lmdb", 0o700),
+                       (base_store / "lmdb/data.mdb", 0o600)):
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode, path
+
+
+@pytest.fixture(scope="module")
+def other_user() -> str:
+    name = "zipfs-other"
+    if subprocess.run(["id", name], capture_output=True).returncode:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
+    return name
+
+
+def test_allow_other_shares_what_the_modes_say_and_nothing_else(base_store, other_user, tmp_path):
+    top = Path(tempfile.mkdtemp(prefix="zipfs-other-", dir="/tmp"))  # a path the other user may walk
+    os.chmod(top, 0o755)
+    m = top / "m"
+    try:
+        _check_other_user(base_store, m, other_user, tmp_path)
+    finally:
+        unmount(m)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _check_other_user(base_store: Path, m: Path, other_user: str, tmp_path: Path) -> None:
+    with mounted(base_store, m, "--allow-other", log=tmp_path / "mount.log"):
+        (m / "public.txt").write_bytes(b"everyone")
+        (m / "secret.txt").write_bytes(b"root only")
+        os.chmod(m / "public.txt", 0o644)
+        os.chmod(m / "secret.txt", 0o600)
+
+        def as_other(*cmd: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["runuser", "-u", other_user, "--", *cmd], capture_output=True)
+
+        assert as_other("cat", str(m / "public.txt")).stdout == b"everyone"
+        r = as_other("cat", str(m / "secret.txt"))
+        assert r.returncode != 0 and b"Permission denied" in r.stderr
+        r = as_other("sh", "-c", f"echo x > {m / 'public.txt'}")
+        assert r.returncode != 0 and (m / "public.txt").read_bytes() == b"everyone"
+        assert as_other("cat", str(m / "base/minilm/config.json")).returncode == 0  # kept 0644 at ingest
+
+
+def test_ingest_never_follows_a_symlink_out_of_the_tree(tmp_path):
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "x").symlink_to("/etc/shadow")
+    (src / "loop").symlink_to("loop")
+    os.mkfifo(src / "fifo")
+    store = tmp_path / "store"
+    r = cli(store, "ingest", str(src), "--name", "m", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert b"outside" in r.stdout and b"skipped" in r.stdout and b"FIFO" in r.stdout
+    ls = cli(store, "ls").stdout.decode()
+    assert "m/x -> /etc/shadow" in ls and "m/loop -> loop" in ls and "fifo" not in ls
+    shadow = Path("/etc/shadow").read_bytes()
+    with Store(store) as s, s.read() as txn:
+        assert all(s.file(txn, n.content_id).size != len(shadow) for _, n in inodes.walk(s, txn)
+                   if n.is_reg and n.content)
+    r = cli(store, "ingest", str(src / "fifo"), "--name", "f", timeout=20)  # never blocks
+    assert "FIFO" in one_line_error(r)
+
+
+def test_export_never_writes_outside_its_directory(base_store, tmp_path):
+    with Store(base_store) as store:  # a crafted entry, as a hostile store would have
+        def op(txn) -> None:
+            d = inodes.resolve(store, txn, "base")
+            store.put(txn, "dirents", u64key(d.ino) + b"a/../../../../tmp/PWNED.json",
+                      u64key(inodes.resolve(store, txn, "base/minilm/config.json").ino))
+        store.writer.call(op)
+    out = tmp_path / "out"
+    r = cli(base_store, "export", "base", str(out))
+    assert r.returncode == 1 and b"PWNED" in r.stderr
+    assert not Path("/tmp/PWNED.json").exists() and not (tmp_path / "PWNED.json").exists()
+    assert (out / "minilm/config.json").exists()
+    (out / "minilm").rename(out / "elsewhere")  # a symlink planted where export will write
+    (out / "minilm").symlink_to(tmp_path / "victim")
+    (tmp_path / "victim").mkdir()
+    r = cli(base_store, "export", "base", str(out))
+    assert r.returncode == 1 and not os.listdir(tmp_path / "victim")
+
+
+def test_export_keeps_long_names_links_empty_dirs_and_modes(tmp_path):
+    m = tmp_path / "m"
+    store = tmp_path / "store"
+    with mounted(store, m):
+        d = m / "model"
+        (d / "empty").mkdir(parents=True)
+        (d / ("n" * 255)).write_bytes(b"long")
+        os.chmod(d / ("n" * 255), 0o600)
+        (d / "link").symlink_to("n" * 255)
+        os.utime(d / ("n" * 255), ns=(10**18, 10**18))
+        sync(store, m)
+    out = tmp_path / "out"
+    r = cli(store, "export", "model", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / ("n" * 255)).read_bytes() == b"long" and os.readlink(out / "link") == "n" * 255
+    assert (out / "empty").is_dir() and stat.S_IMODE(os.stat(out / ("n" * 255)).st_mode) == 0o600
+    assert os.stat(out / ("n" * 255)).st_mtime_ns == 10**18
+
+
+# ---- disk full ----
+
+def test_failed_ingest_on_a_full_disk_frees_its_chunks_and_gc_still_works(models, small_fs):
+    store = small_fs / "store"
+    assert cli(store, "ingest", str(models["sre"] / "vocab.txt"), "--name", "v.txt").returncode == 0
+    r = cli(store, "ingest", str(models["sre"] / "model.safetensors"), "--name", "big.safetensors")
+    assert "no space left" in one_line_error(r).lower()
+    r = cli(store, "fsck")
+    assert r.returncode == 0 and b"(0 unreferenced)" in r.stdout, r.stdout
+    fill = small_fs / "fill"
+    with open(fill, "wb") as f:  # leave nothing at all
+        try:
+            while True:
+                f.write(b"\0" * MiB)
+        except OSError:
+            pass
+    assert cli(store, "rm", "v.txt").returncode == 0
+    r = cli(store, "gc")
+    assert r.returncode == 0 and b"freed 1 removed file versions" in r.stdout, r.stdout + r.stderr
+    fill.unlink()
+    assert cli(store, "fsck").returncode == 0
+
+
+# ---- everyday copies ----
+
+def test_cp_a_and_rsync_a_keep_modes_and_mtimes(models, tmp_path):
+    src = tmp_path / "src"
+    subprocess.run(["cp", "-r", str(models["sre"]), str(src)], check=True)
+    os.chmod(src / "config.json", 0o600)
+    os.utime(src / "vocab.txt", ns=(1_500_000_000 * 10**9, 1_500_000_000 * 10**9))
+    (src / "link.txt").symlink_to("vocab.txt")
+    m = tmp_path / "m"
+    store = tmp_path / "store"
+    with mounted(store, m):
+        for tool, dest in ((["cp", "-a"], "cp"), (["rsync", "-a"], "rsync")):
+            r = subprocess.run([*tool, f"{src}/", str(m / dest)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            for f in src.rglob("*"):
+                got = m / dest / f.relative_to(src)
+                a, b = os.lstat(f), os.lstat(got)
+                assert (a.st_mode, a.st_mtime_ns) == (b.st_mode, b.st_mtime_ns), got
+                if f.is_file() and not f.is_symlink():
+                    assert sha256(got) == sha256(f)
+        sync(store, m)
+        assert os.stat(m / "rsync/vocab.txt").st_mtime_ns == 1_500_000_000 * 10**9
+    assert cli(store, "verify").returncode == 0
+
+
+# ---- smaller ones ----
+
+def test_user_xattrs_and_state_xattrs_agree(base_store, tmp_path):
+    m = tmp_path / "m"
+    with mounted(base_store, m):
+        p = m / "x.bin"
+        p.write_bytes(os.urandom(4 * MiB))
+        os.setxattr(p, "user.foo", b"bar")
+        assert os.getxattr(p, "user.foo") == b"bar"
+        for _ in range(50):  # while it is being ingested and after: listxattr names only what exists
+            for name in os.listxattr(p):
+                os.getxattr(p, name)
+            time.sleep(0.02)
+        sync(base_store, m)
+        assert set(os.listxattr(p)) == {"user.zipfs.state", "user.zipfs.sha256", "user.foo"}
+        os.removexattr(p, "user.foo")
+        assert "user.foo" not in os.listxattr(p)
+        with pytest.raises(OSError) as e:
+            os.setxattr(p, "user.zipfs.state", b"x")
+        assert e.value.errno == errno.EPERM
+
+
+def test_ingest_of_a_large_sparse_file_uses_bounded_memory(tmp_path):
+    sparse = tmp_path / "sparse.bin"
+    with open(sparse, "wb") as f:
+        f.truncate(2 << 30)
+        f.seek(1 << 30)
+        f.write(b"island")
+    store = tmp_path / "store"
+    proc = subprocess.Popen(zipfs_cmd(store, "ingest", str(sparse), "--name", "s"), stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0
+    assert usage.ru_maxrss < 400 * 1024, usage.ru_maxrss  # KiB: a 2 GiB file in well under 400 MiB
+    r = cli(store, "cat", "s", "--offset", str(1 << 30), "--length", "6")
+    assert r.stdout == b"island"
