@@ -8,6 +8,8 @@ never reused, so the kernel's idea of an inode and the store's always agree.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from dataclasses import dataclass
 
 from zipfs.errors import NotFoundError
@@ -43,6 +45,12 @@ class Namespace:
     def find(self, ino: int) -> Inode | None:
         with self.store.read() as txn:
             return inodes.find(self.store, txn, ino)
+
+    def stand_in_root(self) -> Inode:
+        """What the root shows when its record is damaged: a directory owned by the store's owner,
+        so the mount point still answers and every intact file below it stays reachable."""
+        st = os.stat(self.store.path)
+        return Inode(inodes.ROOT, stat.S_IFDIR | 0o755, st.st_uid, st.st_gid, 2)
 
     def lookup(self, parent: int, name: bytes) -> Inode | None:
         """The inode of name in directory parent, or None. NamespaceError for a name no entry can

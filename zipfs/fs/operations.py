@@ -184,7 +184,13 @@ class Operations(pyfuse3.Operations):
         moment (another process replaced or removed the name), and on ESTALE it looks the name up
         again instead of failing the call.
         """
-        node = await self._thread(self.ns.find, ino)
+        try:
+            node = await self._thread(self.ns.find, ino)
+        except StoreError as e:
+            if ino != ROOT:
+                raise
+            log.error("the root directory's record: %s; showing a stand-in", e)
+            node = self.ns.stand_in_root()
         if node is not None:
             return node
         lf = self.live.get(ino)

@@ -19,10 +19,14 @@ MAGIC = 0xBEEFC0DE
 DATA_VERSION = 1
 P_META = 0x08
 _FLAGS, _MAGIC, _VERSION, _PSIZE, _LAST, _TXNID = 10, 16, 20, 40, 136, 144
+#: md_root of the free DB (at 16 + 24 + 40) and of the main DB (one 48-byte MDB_db later)
+_ROOTS = (80, 128)
+P_INVALID = (1 << 64) - 1
 
 
 def _meta(page: bytes) -> tuple[int, int, int] | None:
-    """(page size, last page number, txn id) of a meta page, or None when it is not one."""
+    """(page size, last page number, txn id) of a meta page, or None when it is not one (a
+    database root past the last page means the page is damaged, not another version)."""
     if len(page) < _TXNID + 8:
         return None
     (flags,) = struct.unpack_from("<H", page, _FLAGS)
@@ -31,7 +35,11 @@ def _meta(page: bytes) -> tuple[int, int, int] | None:
         return None
     if psize < 512 or psize > 1 << 16 or psize & (psize - 1):
         return None
-    return psize, *struct.unpack_from("<QQ", page, _LAST)
+    last, txnid = struct.unpack_from("<QQ", page, _LAST)
+    roots = [struct.unpack_from("<Q", page, at)[0] for at in _ROOTS]
+    if any(root != P_INVALID and root > last for root in roots):
+        return None
+    return psize, last, txnid
 
 
 def check(path: Path) -> None:
@@ -46,11 +54,17 @@ def check(path: Path) -> None:
             m1 = _meta(f.read(4096))
     except OSError as e:
         raise StoreError(f"cannot read {path}: {e.strerror}") from None
-    metas = [m for m in (m0, m1) if m is not None]
-    if not metas:
-        raise StoreError(f"{path} is not an LMDB data file, or both its meta pages are damaged")
-    psize, last_pg, _ = max(metas, key=lambda m: m[2])
+    if m0 is None or m1 is None:
+        raise StoreError(f"{path}: {'both' if m0 is m1 else 'a'} meta page{'s are' if m0 is m1 else ' is'} "
+                         "damaged or not LMDB's; restore the store from a copy")
+    # every commit writes the older of the two: they hold the last two transactions, N-1 and N
+    # (a fresh file: 0 and 0 or 1); anything else means one was damaged, and LMDB would open
+    # an older snapshot without a word
+    if abs(m0[2] - m1[2]) != 1 and max(m0[2], m1[2]) > 0:
+        raise StoreError(f"{path}: its meta pages disagree (transactions {m0[2]} and {m1[2]}); one is "
+                         "damaged: restore the store from a copy")
+    psize, last_pg, _ = max((m0, m1), key=lambda m: m[2])
     need = (last_pg + 1) * psize
     if size < need:
-        raise StoreError(f"{path} is truncated: {size} bytes, its meta page says {need}; "
-                         "restore it from a copy (the store cannot be opened safely)")
+        raise StoreError(f"{path} is shorter ({size} bytes) than its meta page says ({need}): truncated, or "
+                         "the meta page is damaged; restore the store from a copy")

@@ -112,10 +112,12 @@ class Store:
             from zipfs.store import upgrade  # it builds on the namespace layer, which builds on this
 
             upgrade.open_schema(self)
-        except BaseException:
+        except BaseException as e:
             if self._data_fd >= 0:
                 os.close(self._data_fd)
             self.env.close()
+            if isinstance(e, lmdb.Error):
+                raise StoreError(f"cannot open store {self.path}: it is damaged ({e})") from None
             raise
         self.ensure_reserve()
 
