@@ -222,8 +222,8 @@ def test_recovery_without_fuse(store_path):
             node = inodes.create(store, txn, d.ino, name.encode(), 0o100644, 0, 0, 1)
             return node.ino
 
-        def version(txn, ino: int, name: str, acked: bool, shown: bool) -> None:
-            sid = sids[name] = journal.new(store, txn, ino)
+        def version(txn, ino: int, name: str, acked: bool, shown: bool, created: bool = False) -> None:
+            sid = sids[name] = journal.new(store, txn, ino, created=created)
             if acked:
                 journal.put(store, txn, sid, journal.StagedRecord(ino, 6, True))
             if shown:
@@ -231,7 +231,7 @@ def test_recovery_without_fuse(store_path):
 
         def setup(txn) -> None:
             version(txn, new_file(txn, "acked"), "acked", True, True)
-            version(txn, new_file(txn, "unacked"), "unacked", False, False)
+            version(txn, new_file(txn, "unacked"), "unacked", False, False, created=True)
             ino = new_file(txn, "rewritten")
             version(txn, ino, "old", True, True)
             version(txn, ino, "new", False, False)

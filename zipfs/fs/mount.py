@@ -74,20 +74,35 @@ def check_mountpoint(mnt: Path) -> None:
         raise ZipfsError(f"{mnt} is already a mount point (zipfs umount {mnt})")
 
 
+def _device_of(mnt: Path) -> str:
+    """'major:minor' of the filesystem mounted at mnt, from /proc/self/mountinfo. Never stat the
+    mount point from the mount process: that is a request to ourselves, and a thread waiting for
+    its answer when the process is killed keeps the process (and its mount point) from ever ending."""
+    target = os.path.abspath(mnt)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].replace("\\040", " ") == target:
+                return fields[2]
+    raise OSError(f"{mnt} is not in /proc/self/mountinfo")
+
+
 def set_readahead(mnt: Path, kb: int) -> None:
     """Raise the mount's bdi read_ahead_kb (as root) so the kernel sends 1 MiB reads, not 128 KiB."""
-    dev = os.stat(mnt).st_dev
-    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
     try:
+        path = Path(f"/sys/class/bdi/{_device_of(mnt)}/read_ahead_kb")
         path.write_text(str(kb))
         log.info("read_ahead_kb=%d for %s", kb, path.parent.name)
     except OSError as e:
-        log.warning("cannot set %s: %s", path, e.strerror)
+        log.warning("cannot set read_ahead_kb of %s: %s", mnt, e.strerror)
 
 
 def _setup_logging(opts: MountOptions) -> None:
-    handler: logging.Handler = (logging.FileHandler(opts.log_file) if opts.log_file
+    # names are bytes: one that is not UTF-8 is logged with escapes, never an encoding error
+    handler: logging.Handler = (logging.FileHandler(opts.log_file, errors="backslashreplace") if opts.log_file
                                 else logging.StreamHandler(sys.stderr))
+    if not opts.log_file and hasattr(sys.stderr, "reconfigure"):
+        sys.stderr.reconfigure(errors="backslashreplace")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("zipfs")
     root.handlers[:] = [handler]

@@ -12,7 +12,8 @@ copies its bytes into a new version; opening with O_TRUNC starts an empty one.
 Every handle of an inode shares one LiveFile, so a write through one descriptor is seen by
 every other as soon as it returns; the kernel keeps its page cache coherent, since every change
 of a file's bytes comes through it (no reverse invalidation: a mount killed while one waits on
-a lock a request holds could never exit).
+a lock a request holds could never exit). The one change that does not, a dropped version,
+makes the file's next open drop the kernel's cached pages.
 
 flush and fsync report errors (the kernel ignores release's); a failed write or fsync poisons
 the version: every later write, flush and fsync of it reports that error (ENOSPC stays ENOSPC),
@@ -99,6 +100,9 @@ class WritableOperations(Operations):
         #: what a LiveFile showed before its working version, to go back to if that is dropped
         self._before: dict[int, Version | FileLayout | None] = {}
         self._locks: dict[int, trio.Lock] = {}
+        #: files whose bytes changed behind the kernel's back (a dropped version): their next open
+        #: drops the kernel's cached pages (at open, in the opener's context; no reverse call)
+        self._stale: set[int] = set()
         self._queue: deque[int] = deque()
         self._queue_wake = trio.Event()
         self._space = trio.Event()
@@ -362,7 +366,7 @@ class WritableOperations(Operations):
         def op(txn: lmdb.Transaction) -> tuple[Inode, int]:
             node = inodes.create(self.store, txn, parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode),
                                  ctx.uid, ctx.gid, time.time_ns())
-            return node, journal.new(self.store, txn, node.ino)
+            return node, journal.new(self.store, txn, node.ino, created=True)
 
         node, sid = await self._commit(op)
         path = staging_path(self.store, sid)
@@ -394,7 +398,9 @@ class WritableOperations(Operations):
             except BaseException:
                 await self.release(fh)
                 raise
-        return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache, direct_io=False)
+        keep = lf.ino not in self._stale
+        self._stale.discard(lf.ino)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
 
     def _open_handle(self, lf: LiveFile, writable: bool) -> int:
         lf.writers += writable
@@ -617,6 +623,7 @@ class WritableOperations(Operations):
                     lf.path, os.strerror(v.error))
         self.versions.pop(v.sid, None)
         v.state = "gone"
+        self._stale.add(lf.ino)
         if isinstance(before, Version):
             lf.version = before  # still held since the copy was made
             if before.acked and lf.writers == 0:

@@ -35,7 +35,8 @@ def _base_for(ing: Ingester, model: inodes.Inode, model_path: str, sid: int, nam
     store = ing.store
     with store.read() as txn:
         known = models.get(store, txn, model.ino)
-        base = inodes.describe(store, txn, known.base) if known and known.base else None
+        base_node = inodes.find(store, txn, known.base) if known and known.base else None
+        base = inodes.path_of(store, txn, base_node) if base_node is not None else None
     if base is not None:
         choice = BaseChoice(base, known.reason or "recorded", known.ratio or 1.0,
                             index=stored_index(store, base), chunk_size=ing.chunk_size)

@@ -334,10 +334,23 @@ def _delete(store: Store, txn: lmdb.Transaction, node: Inode, rel: Released) -> 
     release_content(store, txn, node, rel)
     journal.tombstone_inode(store, txn, node.ino, rel.dead)
     store.delete(txn, "inodes", u64key(node.ino))
-    store.delete(txn, "models", u64key(node.ino))
+    if store.delete(txn, "models", u64key(node.ino)):
+        _forget_base(store, txn, node.ino)
     for k, _ in list(store.scan(txn, "xattrs", u64key(node.ino))):
         store.delete(txn, "xattrs", k)
     rel.removed.append(node.ino)
+
+
+def _forget_base(store: Store, txn: lmdb.Transaction, ino: int) -> None:
+    """A removed model was the base of others: their later files choose a base anew (the deltas
+    they have keep their base chunks, which they hold references on)."""
+    from zipfs.store import models  # models names inodes; inodes only clears their base links
+
+    for k, v in list(store.scan(txn, "models")):
+        m = models.Model.unpack(key_u64(k), v)
+        if m.base == ino:
+            m.base, m.reason = 0, "its base was removed"
+            models.put(store, txn, m)
 
 
 def _drop_name(store: Store, txn: lmdb.Transaction, d: Inode, name: bytes, node: Inode, now: int,

@@ -36,6 +36,9 @@ class StagedRecord:
     size: int = 0
     acked: bool = False
     state: str = LIVE  # DEAD: ingested, superseded or removed; its staging file is being deleted
+    #: the version of a file created with it (create(2)): until acknowledged, the file has no
+    #: content of its own, and a crash before then takes its name away
+    created: bool = False
 
     def pack(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -47,7 +50,7 @@ class StagedRecord:
         except (ValueError, TypeError):
             raise DamagedRecord("staging journal record is malformed") from None
         if not (isinstance(rec.ino, int) and isinstance(rec.size, int) and rec.size >= 0
-                and rec.state in (LIVE, DEAD)):
+                and rec.state in (LIVE, DEAD) and isinstance(rec.created, bool)):
             raise DamagedRecord("staging journal record is malformed")
         return rec
 
@@ -61,10 +64,10 @@ def put(store: Store, txn: lmdb.Transaction, sid: int, rec: StagedRecord) -> Non
     store.put(txn, "staged", u64key(sid), rec.pack())
 
 
-def new(store: Store, txn: lmdb.Transaction, ino: int) -> int:
+def new(store: Store, txn: lmdb.Transaction, ino: int, created: bool = False) -> int:
     """Journal a new, empty, unacknowledged version of inode ino; its staging id."""
     sid = store.next_id(txn, NEXT_SID)
-    store.put(txn, "staged", u64key(sid), StagedRecord(ino).pack(), overwrite=False)
+    store.put(txn, "staged", u64key(sid), StagedRecord(ino, created=created).pack(), overwrite=False)
     return sid
 
 

@@ -93,7 +93,7 @@ def recover(store: Store) -> Recovery:
         if f.exists():
             out.lost.append(_to_lost_found(store, f, hints[sid]))
         drop_rows.append(sid)
-        if node is not None and node.content == inodes.NONE and not r.acked:
+        if node is not None and node.content == inodes.NONE and r.created and not r.acked:
             unname.append(node)
             out.unnamed.append(hints[sid])
     for f in sdir.iterdir():
