@@ -113,14 +113,15 @@ def cmd_cat(args: argparse.Namespace) -> int:
         raise ZipfsError("--offset and --length must not be negative")
     with _open(args) as store:
         reader = Reader(store)
-        layout = reader.layout(args.path)
-        end = layout.size if args.length is None else min(layout.size, args.offset + args.length)
-        out = sys.stdout.buffer
-        for off in range(args.offset, end, 8 << 20):
-            try:
+        try:
+            layout = reader.layout(args.path)
+            end = layout.size if args.length is None else min(layout.size, args.offset + args.length)
+            out = sys.stdout.buffer
+            for off in range(args.offset, end, 8 << 20):
                 out.write(reader.read(layout, off, min(8 << 20, end - off)))
-            except ZipfsError as e:
-                raise ZipfsError(f"{names.normalize(args.path)}: {e}") from None
+        except ZipfsError as e:
+            name = names.normalize(args.path)
+            raise ZipfsError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
         out.flush()
     return 0
 
@@ -423,6 +424,9 @@ COMMANDS = {"ingest", "ls", "cat", "export", "verify", "stats", "rm", "gc", "fsc
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # names are bytes: print undecodable ones as they are
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     argv = fstab_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:

@@ -56,8 +56,9 @@ def mounted(store: Path, mnt: Path, *extra: str, log: Path | None = None,
     mnt.mkdir(parents=True, exist_ok=True)
     log = log or mnt.parent / f"{mnt.name}.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    proc = subprocess.Popen(zipfs_cmd(store, "mount", str(mnt), "--foreground", "--log-file", str(log),
-                                      *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(log, "ab") as err:  # stderr too: a pipe nobody reads would block the mount once full
+        proc = subprocess.Popen(zipfs_cmd(store, "mount", str(mnt), "--foreground", "--log-file", str(log),
+                                          *extra), env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
         wait_for(lambda: os.path.ismount(mnt), 30, "the mount", proc, log)
         yield proc
