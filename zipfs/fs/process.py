@@ -55,7 +55,7 @@ def mounted(store: Path, mnt: Path, *extra: str, log: Path | None = None,
     """A foreground mount process serving `store` at `mnt` for the duration of the block."""
     mnt.mkdir(parents=True, exist_ok=True)
     log = log or mnt.parent / f"{mnt.name}.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     with open(log, "ab") as err:  # stderr too: a pipe nobody reads would block the mount once full
         proc = subprocess.Popen(zipfs_cmd(store, "mount", str(mnt), "--foreground", "--log-file", str(log),
                                           *extra), env=env, stdout=subprocess.DEVNULL, stderr=err)
