@@ -35,7 +35,7 @@ from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, open_regular, plan_fi
 from zipfs.read.chunks import ChunkSource
 from zipfs.store import inodes, journal
 from zipfs.store import records as rec
-from zipfs.store.lifecycle import add_refs
+from zipfs.store.lifecycle import add_refs, free_chunks
 from zipfs.store.lmdb_store import Store
 from zipfs.store.records import ChunkRecord, FileRecord, TensorEntry, key_u64, u64key
 
@@ -174,28 +174,12 @@ class Ingester:
 
     def _discard(self, cids: list[int]) -> None:
         """Delete chunks a failed ingest wrote that nothing references (after all)."""
-        store = self.store
-
-        def op(txn: lmdb.Transaction) -> None:
-            bases: Counter[int] = Counter()
-            for cid in cids:
-                raw = store.get(txn, "chunks", u64key(cid))
-                if raw is None or (cr := ChunkRecord.unpack(raw)).refs:
-                    continue
-                store.delete(txn, "chunks", u64key(cid))
-                store.delete(txn, "payloads", u64key(cid))
-                hit = store.get(txn, "chunkhash", cr.hash)
-                if hit is not None and key_u64(hit) == cid:
-                    store.delete(txn, "chunkhash", cr.hash)
-                if cr.base:
-                    bases[cr.base] += 1
-            add_refs(store, txn, bases, sign=-1)
-
-        if cids:
-            try:
-                store.writer.call(op, frees_space=True)
-            except ZipfsError as e:
-                log.warning("could not delete the %d chunks of a failed ingest (gc will): %s", len(cids), e)
+        if not cids:
+            return
+        try:
+            self.store.writer.call(lambda txn: free_chunks(self.store, txn, cids), frees_space=True)
+        except ZipfsError as e:
+            log.warning("could not delete the %d chunks of a failed ingest (gc will): %s", len(cids), e)
 
     # ---- driver ----
 

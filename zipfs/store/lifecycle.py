@@ -73,6 +73,28 @@ def remove(store: Store, targets: list[str]) -> RemoveResult:
     return res
 
 
+def free_chunks(store: Store, txn: lmdb.Transaction, cids: list[int]) -> tuple[int, int, list[int]]:
+    """Delete those of cids nothing references (with payload and hash index entry), dropping
+    their references on delta bases: (chunks freed, payload bytes freed, bases now at zero)."""
+    n = freed = 0
+    bases: Counter[int] = Counter()
+    for cid in cids:
+        raw = store.get(txn, "chunks", u64key(cid))
+        if raw is None or (cr := ChunkRecord.unpack(raw)).refs:  # gone, or referenced again meanwhile
+            continue
+        store.delete(txn, "chunks", u64key(cid))
+        store.delete(txn, "payloads", u64key(cid))
+        hit = store.get(txn, "chunkhash", cr.hash)
+        if hit is not None and key_u64(hit) == cid:
+            store.delete(txn, "chunkhash", cr.hash)
+        if cr.base:
+            bases[cr.base] += 1
+        n += 1
+        freed += cr.stored_len
+    add_refs(store, txn, bases, sign=-1)
+    return n, freed, [b for b in bases if store.chunk(txn, b).refs == 0]
+
+
 @dataclass
 class GcResult:
     chunks: int = 0
@@ -125,29 +147,8 @@ def gc(store: Store, batch: int = 1024) -> GcResult:
         while queue:
             dead, queue = queue[:batch], queue[batch:]
 
-            def op(txn: lmdb.Transaction, dead: list[int] = dead) -> tuple[int, int, list[int]]:
-                n = freed = 0
-                bases: Counter[int] = Counter()
-                for cid in dead:
-                    raw = store.get(txn, "chunks", u64key(cid))
-                    if raw is None:
-                        continue
-                    cr = ChunkRecord.unpack(raw)
-                    if cr.refs:  # referenced again meanwhile
-                        continue
-                    store.delete(txn, "chunks", u64key(cid))
-                    store.delete(txn, "payloads", u64key(cid))
-                    hit = store.get(txn, "chunkhash", cr.hash)
-                    if hit is not None and key_u64(hit) == cid:
-                        store.delete(txn, "chunkhash", cr.hash)
-                    if cr.base:
-                        bases[cr.base] += 1
-                    n += 1
-                    freed += cr.stored_len
-                add_refs(store, txn, bases, sign=-1)
-                return n, freed, [b for b in bases if store.chunk(txn, b).refs == 0]
-
-            n, freed, cascaded = store.writer.call(op, frees_space=True)
+            n, freed, cascaded = store.writer.call(lambda txn, d=dead: free_chunks(store, txn, d),
+                                                   frees_space=True)
             res.chunks += n
             res.bytes += freed
             queue += cascaded
