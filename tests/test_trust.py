@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -315,11 +316,16 @@ def test_modes_owners_and_umask_are_kept_and_the_store_is_private(base_store, tm
 
 
 @pytest.fixture(scope="module")
-def other_user() -> str:
-    name = "zipfs-other"
-    if subprocess.run(["id", name], capture_output=True).returncode:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
-    return name
+def other_user() -> Iterator[str]:
+    """A real second local user (created for these tests, removed after them)."""
+    name = "zipfs-test-other"
+    made = subprocess.run(["id", name], capture_output=True).returncode != 0
+    if made:
+        subprocess.run(["useradd", "--no-create-home", "--no-user-group", "--shell", "/bin/sh", name],
+                       check=True)
+    yield name
+    if made:
+        subprocess.run(["userdel", name], capture_output=True)
 
 
 def test_allow_other_shares_what_the_modes_say_and_nothing_else(base_store, other_user, tmp_path):

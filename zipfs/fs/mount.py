@@ -186,7 +186,6 @@ def _serve_store(opts: MountOptions, ready: Callable[[str], None]) -> None:
 
 
 def _run(ops: Operations, opts: MountOptions, ready: Callable[[str], None]) -> None:
-    store = ops.ns.store
     fuse_opts = {"fsname=zipfs", "subtype=zipfs", "default_permissions"}
     if opts.allow_other:
         fuse_opts.add("allow_other")
@@ -199,8 +198,7 @@ def _run(ops: Operations, opts: MountOptions, ready: Callable[[str], None]) -> N
     ready("ok")
     sd_notify("READY=1")
     try:
-        with store.mount_lock():
-            trio.run(_serve, ops, opts)
+        trio.run(_serve, ops, opts)
     except KeyboardInterrupt:
         pass
     finally:

@@ -73,6 +73,10 @@ class LiveFile:
     node: Inode | None = None
     #: (mtime, ctime) of writes not yet acknowledged (the record has the older ones)
     times: tuple[int, int] | None = None
+    #: the inode's content when it was loaded: (kind, id)
+    content_key: tuple[int, int] = (0, 0)
+    #: its handles are all gone and its pin with them
+    done: bool = False
 
 
 @dataclass
@@ -318,10 +322,17 @@ class Operations(pyfuse3.Operations):
             raise StoreError(f"staged version #{v.sid} cannot be opened: {e.strerror}") from None
         return v
 
+    async def _current(self, lf: LiveFile) -> bool:
+        """Whether a loaded LiveFile still shows what its inode holds. A read-only mount sees
+        another mount's writes: a file rewritten there is loaded anew for new opens (the old
+        handles keep the version they opened)."""
+        node = await self._thread(self.ns.find, lf.ino)
+        return node is not None and (node.content, node.content_id) == lf.content_key
+
     async def _live(self, ino: int) -> LiveFile:
         """The LiveFile of inode ino, loaded (and pinned) on first use."""
         lf = self.live.get(ino)
-        if lf is not None:
+        if lf is not None and await self._current(lf):
             return lf
         self.pins.pin(ino)  # before the record is read: see zipfs.store.pins
         try:
@@ -336,22 +347,26 @@ class Operations(pyfuse3.Operations):
         except BaseException:
             self.pins.unpin(ino)
             raise
-        if ino in self.live:  # another request loaded it meanwhile
-            self.pins.unpin(ino)
+        other = self.live.get(ino)
+        if other is not None and other is not lf and other.content_key == (node.content, node.content_id):
+            self.pins.unpin(ino)  # another request loaded the same meanwhile
             if version is not None:
                 version.let_go()
-            return self.live[ino]
-        lf = self.live[ino] = LiveFile(ino, path, content.layout, content.tensors, content.sha256, version,
-                                       node=node)
-        return lf
+            return other
+        self.live[ino] = LiveFile(ino, path, content.layout, content.tensors, content.sha256, version,
+                                  node=node, content_key=(node.content, node.content_id))
+        return self.live[ino]
 
     def _forget_live(self, lf: LiveFile) -> None:
-        """The last handle of a file went: unpin it (the writable mount keeps pending ones)."""
-        if lf.opens == 0 and self.live.get(lf.ino) is lf:
+        """The last handle of a file went: unpin it and let its version go."""
+        if lf.opens or lf.done:
+            return
+        lf.done = True
+        if self.live.get(lf.ino) is lf:
             del self.live[lf.ino]
-            self.pins.unpin(lf.ino)
-            if lf.version is not None:
-                lf.version.let_go()
+        self.pins.unpin(lf.ino)
+        if lf.version is not None:
+            lf.version.let_go()
 
     def _open_handle(self, lf: LiveFile, writable: bool) -> int:
         fh = self._new_fh()

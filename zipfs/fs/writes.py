@@ -213,6 +213,9 @@ class WritableOperations(Operations):
                              "to this mount")
         return await self._hold_open(v)
 
+    async def _current(self, lf: LiveFile) -> bool:
+        return True  # only this mount changes what a file holds: its LiveFile is the truth
+
     async def _live(self, ino: int) -> LiveFile:
         try:
             return await super()._live(ino)
@@ -220,7 +223,7 @@ class WritableOperations(Operations):
             return await super()._live(ino)
 
     def _forget_live(self, lf: LiveFile) -> None:
-        if lf.opens == 0 and self.live.get(lf.ino) is lf:
+        if lf.opens == 0 and not lf.done:
             before = self._before.pop(lf.ino, None)
             if isinstance(before, Version):
                 before.let_go()

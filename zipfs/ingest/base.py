@@ -122,7 +122,7 @@ def local_tensors(files: list[tuple[Path, str]]) -> dict[str, LocalTensor]:
     """Tensors of the safetensors files about to be ingested, by tensor name."""
     out: dict[str, LocalTensor] = {}
     for path, dest in files:
-        fd = open_regular(path)
+        fd = open_regular(path, path.lstat())  # links are not followed here either
         try:
             size = os.fstat(fd).st_size
             plan = plan_file(dest, read_prefix(fd, size), size)

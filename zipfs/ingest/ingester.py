@@ -184,11 +184,12 @@ class Ingester:
     # ---- driver ----
 
     def ingest_file(self, src: Path | int, name: str, commit: Commit,
-                    base_lookup: BaseLookup | None = None, size: int | None = None) -> FileReport:
+                    base_lookup: BaseLookup | None = None, size: int | None = None,
+                    expect: os.stat_result | None = None) -> FileReport:
         """Store one file (a path, or an open descriptor and its size) as a new version; `commit`
-        makes an inode show it. All-or-nothing."""
+        makes an inode show it. All-or-nothing. expect: see plan.open_regular."""
         t0 = time.perf_counter()
-        fd = open_regular(src) if isinstance(src, Path) else src
+        fd = open_regular(src, expect) if isinstance(src, Path) else src
         try:
             if size is None:
                 size = os.fstat(fd).st_size

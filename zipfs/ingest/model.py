@@ -102,7 +102,7 @@ def plan_sources(src: Path, name: str | None,
     if not model:
         raise ZipfsError("the store root cannot be a model name; pass --name")
     if stat.S_ISREG(top.st_mode):
-        return model, [Source(src, model, top)]
+        return model, [Source(src.resolve(), model, top)]
     if not stat.S_ISDIR(top.st_mode):
         raise ZipfsError(f"{src}: {_SPECIAL.get(stat.S_IFMT(top.st_mode), 'not a regular file')}; "
                          "nothing to ingest")
@@ -124,8 +124,8 @@ def place(store: Store, src: Source) -> Commit:
 
 def ingest_one(ing: Ingester, src: Path, dest: str, base_lookup: BaseLookup | None = None) -> FileReport:
     """Store one regular file at dest (replacing what is there), with its mode, owner and times."""
-    s = Source(src, names.normalize(dest), src.stat())
-    return ing.ingest_file(src, s.dest, place(ing.store, s), base_lookup=base_lookup)
+    s = Source(src.resolve(), names.normalize(dest), src.stat())
+    return ing.ingest_file(s.path, s.dest, place(ing.store, s), base_lookup=base_lookup, expect=s.st)
 
 
 def _put_entry(ing: Ingester, s: Source) -> None:
@@ -164,7 +164,7 @@ def ingest_model(ing: Ingester, src: Path, name: str | None = None, base: str | 
     lookup = choice.lookup if choice.name else None
     for s in sources:
         if s.kind == "file":
-            r = ing.ingest_file(s.path, s.dest, place(ing.store, s), base_lookup=lookup)
+            r = ing.ingest_file(s.path, s.dest, place(ing.store, s), base_lookup=lookup, expect=s.st)
             report.files.append(r)
             on_file(r)
             continue

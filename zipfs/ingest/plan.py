@@ -73,14 +73,23 @@ def read_prefix(fd: int, size: int) -> bytes:
     return first[:8] + pread_exact(fd, n, 8)
 
 
-def open_regular(path: Path) -> int:
-    """A read descriptor of a regular file; never blocks (a FIFO is refused, not waited on)."""
+def open_regular(path: Path, expect: os.stat_result | None = None) -> int:
+    """A read descriptor of a regular file; never blocks (a FIFO is refused, not waited on).
+
+    With expect (the file's lstat when its tree was listed), a symbolic link is not followed and
+    the file must still be that one: a file swapped for a link (or a directory above it for a
+    link) between listing and reading would otherwise be read from wherever the link points.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if expect is not None else 0)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as e:
         raise ZipfsError(f"cannot read {path}: {e.strerror}") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise ZipfsError(f"{path}: not a regular file")
+    if expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
+        os.close(fd)
+        raise ZipfsError(f"{path}: replaced while being ingested (it is not the file that was listed)")
     return fd

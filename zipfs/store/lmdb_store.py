@@ -3,9 +3,11 @@
 Layout of a store directory (0700; its files 0600):
     lmdb/        LMDB data.mdb + lock.mdb
     reserve      preallocated space given back when the disk is full, so rm and gc still commit
+    open.lock    flock: every process with the store open holds it shared, compact exclusively
+                 (it swaps data.mdb: a process still mapping the old one would write into a
+                 deleted file)
     ingest.lock  flock: ingests hold it shared, gc exclusive (chunks of an unfinished ingest
                  have no references yet and must not be collected)
-    mount.lock   flock: mounts hold it shared, compact exclusive
     staging.lock flock: the one writable mount holds it exclusively
     pins/        one file per process reading file versions (zipfs.store.pins)
     staging/     file versions written through the mount, named by staging id, until ingested
@@ -79,21 +81,45 @@ class Store:
     """An open store. Reads use `read()` transactions; writes go through `writer`."""
 
     def __init__(self, path: str | os.PathLike[str], create: bool = True,
-                 map_size: int = DEFAULT_MAP_SIZE) -> None:
+                 map_size: int = DEFAULT_MAP_SIZE, exclusive: bool = False) -> None:
         self.path = Path(path)
         dbdir = self.path / "lmdb"
         data = dbdir / "data.mdb"
-        if data.exists():
-            datafile.check(data)
-        elif not create:
-            raise StoreError(f"no zipfs store at {self.path} (run 'zipfs ingest' or 'zipfs mount' "
-                             "to create one)")
-        else:
+        if not data.exists():
+            if not create:
+                raise StoreError(f"no zipfs store at {self.path} (run 'zipfs ingest' or 'zipfs mount' "
+                                 "to create one)")
             try:
                 self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
                 dbdir.mkdir(mode=0o700, exist_ok=True)
             except OSError as e:
                 raise StoreError(f"cannot create store {self.path}: {e.strerror}") from None
+        self._open_fd = self._open_lock(exclusive)
+        try:
+            if data.exists():
+                datafile.check(data)
+            self._open_env(dbdir, data, map_size)
+        except BaseException:
+            os.close(self._open_fd)
+            raise
+        self.ensure_reserve()
+
+    def _open_lock(self, exclusive: bool) -> int:
+        """Hold open.lock for as long as the store is open: shared (waiting out a compact), or
+        exclusive and at once (compact: nothing else may have the store open)."""
+        try:
+            fd = os.open(self.path / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot open {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"store {self.path} is in use (mounted, or open in another zipfs command)") \
+                from None
+        return fd
+
+    def _open_env(self, dbdir: Path, data: Path, map_size: int) -> None:
         for p, mode in ((self.path, 0o700), (dbdir, 0o700), (data, 0o600), (dbdir / "lock.mdb", 0o600)):
             _private(p, mode)
         try:
@@ -119,15 +145,21 @@ class Store:
             if isinstance(e, lmdb.Error):
                 raise StoreError(f"cannot open store {self.path}: it is damaged ({e})") from None
             raise
-        self.ensure_reserve()
 
-    def close(self) -> None:
+    def close_environment(self) -> None:
+        """Close LMDB but keep open.lock (compact swaps the data file while it still holds it)."""
         if self._data_fd < 0:
             return
         self.writer.close()
         self.env.close()
         os.close(self._data_fd)
         self._data_fd = -1
+
+    def close(self) -> None:
+        self.close_environment()
+        if self._open_fd >= 0:
+            os.close(self._open_fd)
+            self._open_fd = -1
 
     def __enter__(self) -> Store:
         return self
@@ -302,10 +334,6 @@ class Store:
     def ingest_lock(self, exclusive: bool = False) -> AbstractContextManager[None]:
         """Ingests share this lock; gc takes it exclusively (unreferenced new chunks stay)."""
         return self.flock("ingest.lock", exclusive)
-
-    def mount_lock(self, exclusive: bool = False, wait: bool = True) -> AbstractContextManager[None]:
-        """Mounts share this lock while mounted; compact takes it exclusively."""
-        return self.flock("mount.lock", exclusive, wait)
 
     # ---- the reserve: space that lets rm and gc commit on a full disk ----
 
