@@ -292,8 +292,10 @@ class Operations(pyfuse3.Operations):
         return out
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = list(await self._virtual_xattrs(inode))
-        return names + list(await self._thread(self.ns.xattrs, inode))
+        """The stored extended attributes. The mount's own (user.zipfs.*) are read by name and not
+        listed: tools that copy every listed attribute (cp -a, rsync -X) would copy them into files
+        where they cannot be set."""
+        return list(await self._thread(self.ns.xattrs, inode))
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name.startswith(b"user.zipfs."):
@@ -417,7 +419,7 @@ class Operations(pyfuse3.Operations):
         self.stats.reads += 1
         out = b"".join(parts)
         self.stats.bytes_read += len(out)
-        self._plan_prefetch(h, off, len(out))
+        self._plan_prefetch(h, layout, off, len(out))  # this layout: a write may have moved the file on
         return out
 
     def _served_bytes(self, cid: int, n: int, size: int) -> None:
@@ -459,8 +461,8 @@ class Operations(pyfuse3.Operations):
 
     # ---- prefetch ----
 
-    def _queue_range(self, h: Handle, start: int, end: int) -> None:
-        for cid, *_ in h.live.layout.extents(start, end - start):
+    def _queue_range(self, layout: FileLayout, start: int, end: int) -> None:
+        for cid, *_ in layout.extents(start, end - start):
             if cid in self._prefetch_set or cid in self._inflight or cid in self.cache:
                 continue
             self._prefetch_q.append(cid)
@@ -472,20 +474,19 @@ class Operations(pyfuse3.Operations):
         self._prefetch_wake.set()
         self._prefetch_wake = trio.Event()
 
-    def _plan_prefetch(self, h: Handle, off: int, size: int) -> None:
+    def _plan_prefetch(self, h: Handle, layout: FileLayout, off: int, size: int) -> None:
         end = off + size
-        layout = h.live.layout
         # kernel readahead sends several requests at once and they complete in any order, so a
         # read counts as sequential when it starts near the furthest point read so far
         if h.next_off - SEQUENTIAL_SLACK <= off <= h.next_off and end < layout.size:
             ahead = max(end, h.next_off)
-            self._queue_range(h, ahead, min(layout.size, ahead + SEQUENTIAL_AHEAD))
+            self._queue_range(layout, ahead, min(layout.size, ahead + SEQUENTIAL_AHEAD))
         h.next_off = max(h.next_off, end) if off <= h.next_off else end
         i = bisect.bisect_right(h.tensor_starts, off) - 1
         if i >= 0 and i not in h.seen_tensors and off < h.live.tensors[i].end:
             h.seen_tensors.add(i)
             t = h.live.tensors[i]
-            self._queue_range(h, end, min(t.end, end + TENSOR_PREFETCH_MAX))
+            self._queue_range(layout, end, min(t.end, end + TENSOR_PREFETCH_MAX))
 
     async def prefetch_worker(self) -> None:
         """Decode queued chunks into the cache; several of these run for the mount's lifetime."""
