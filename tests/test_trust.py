@@ -138,6 +138,14 @@ def test_a_damaged_file_record_is_an_error_naming_the_file_everywhere(base_store
         assert proc.poll() is None
 
 
+def test_fsck_reports_a_damaged_payload_key(base_store):
+    with Store(base_store) as store, store.env.begin(write=True) as txn:
+        txn.put(b"\xff" * 300, b"junk", db=store.db["payloads"])  # a key no chunk id can be
+    r = cli(base_store, "fsck")
+    assert r.returncode == 1 and "payload key of 300 bytes is damaged" in r.stdout.decode(), r
+    assert b"Traceback" not in r.stderr
+
+
 def test_cat_refuses_a_negative_offset(base_store):
     one_line_error(cli(base_store, "cat", "base/minilm/config.json", "--offset", "-5"))
     one_line_error(cli(base_store, "cat", "base/minilm/config.json", "--length", "-1"))
@@ -508,3 +516,163 @@ def test_ingest_of_a_large_sparse_file_uses_bounded_memory(tmp_path):
     assert 0 < peak_kb < 400 * 1024, peak_kb  # a 2 GiB file in well under 400 MiB
     r = cli(store, "cat", "s", "--offset", str(1 << 30), "--length", "6")
     assert r.stdout == b"island"
+
+
+# ---- recovery and acknowledgement, found by the second attack ----
+
+def _kill(proc: subprocess.Popen, *fds: int) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the mount is gone
+
+
+def test_a_created_file_never_closed_is_gone_by_every_name_after_a_crash(tmp_path):
+    store, m = tmp_path / "store", tmp_path / "m"
+    with mounted(store, m) as proc:
+        fd = os.open(m / "new", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"never acknowledged")
+        os.link(m / "new", m / "alias")
+        _kill(proc, fd)
+    with mounted(store, m):
+        assert not (m / "new").exists() and not (m / "alias").exists()
+    assert cli(store, "fsck").returncode == 0
+
+
+def test_fsync_through_any_descriptor_acknowledges_the_file(tmp_path):
+    store, m = tmp_path / "store", tmp_path / "m"
+    new = b"new contents, fsynced\n" * 1000
+    with mounted(store, m) as proc:
+        (m / "f").write_bytes(b"old")
+        sync(store, m)
+        fd = os.open(m / "f", os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, new)
+        ro = os.open(m / "f", os.O_RDONLY)
+        os.fsync(ro)  # Linux filesystems make the file durable, whichever descriptor asks
+        os.close(ro)
+        _kill(proc, fd)
+    with mounted(store, m):
+        assert (m / "f").read_bytes() == new
+
+
+def test_a_file_whose_recorded_name_went_away_is_still_ingested(tmp_path):
+    store, m = tmp_path / "store", tmp_path / "m"
+    with mounted(store, m):
+        os.mkdir(m / "d1")
+        os.mkdir(m / "d2")
+        (m / "d1/x").write_bytes(b"one")
+        sync(store, m)
+        os.link(m / "d1/x", m / "d2/y")  # the newest name is the one the inode records
+        os.unlink(m / "d2/y")
+        os.rmdir(m / "d2")
+        (m / "d1/x").write_bytes(b"two, written after the link went")
+        sync(store, m)
+        assert os.getxattr(m / "d1/x", "user.zipfs.state") == b"stored"
+    assert cli(store, "cat", "d1/x").stdout == b"two, written after the link went"
+    assert cli(store, "fsck").returncode == 0
+
+
+def test_recovery_of_a_long_multibyte_name_lets_the_mount_start(tmp_path):
+    store, m = tmp_path / "store", tmp_path / "m"
+    name = "é" * 127  # 254 bytes: a valid name, longer than 127 characters
+    with mounted(store, m) as proc:
+        fd = os.open(m / name, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"never closed")
+        _kill(proc, fd)
+    with mounted(store, m):
+        assert not (m / name).exists()
+    kept = os.listdir(store / "lost+found")
+    assert len(kept) == 1 and len(kept[0].encode()) <= 255
+    assert (store / "lost+found" / kept[0]).read_bytes() == b"never closed"
+
+
+def test_a_failed_write_rolls_back_to_what_was_acknowledged(tmp_path):
+    store, m = tmp_path / "store", tmp_path / "m"
+    with mounted(store, m):
+        p = m / "x"
+        p.write_bytes(b"acknowledged\n")
+        sync(store, m)
+        fd = os.open(p, os.O_RDWR)
+        os.pwrite(fd, b"x" * 13, 0)  # a new version, then acknowledged
+        os.fsync(fd)
+        os.pwrite(fd, b"UNACKED", 100)
+        with pytest.raises(OSError):
+            os.pwrite(fd, b"B", 1 << 50)  # beyond what the staging filesystem holds
+        with pytest.raises(OSError):
+            os.close(fd)  # the writer hears of the failure
+        wait_for(lambda: p.read_bytes() == b"x" * 13, 5, "the acknowledged version to show again")
+        p.write_bytes(b"a later rewrite\n")  # the file is not poisoned for later writers
+        sync(store, m)
+        assert os.getxattr(p, "user.zipfs.state") == b"stored"
+    assert cli(store, "cat", "x").stdout == b"a later rewrite\n"
+
+
+def test_cli_rm_of_a_queued_file_is_not_a_failure(models, tmp_path):
+    store, m = tmp_path / "store", tmp_path / "m"
+    with mounted(store, m, "--ingest-workers", "1"):
+        os.mkdir(m / "ft")
+        files = [open(m / f"ft/m{i}.bin", "wb") for i in range(3)]  # noqa: SIM115
+        for f in files:
+            f.write(os.urandom(24 * MiB))
+        for f in files:
+            f.close()  # three ingests queued at once, one worker
+        assert cli(store, "rm", "ft/m2.bin").returncode == 0
+        sync(store, m)  # exits 0: a removed file is gone, not failed
+        assert sorted(os.listdir(m / "ft")) == ["m0.bin", "m1.bin"]
+    assert not os.listdir(store / "staging")
+    assert cli(store, "fsck").returncode == 0
+
+
+def test_compact_is_refused_while_the_store_is_open_anywhere(base_store):
+    with Store(base_store):
+        err = one_line_error(cli(base_store, "compact"))
+        assert "in use" in err
+    assert cli(base_store, "compact").returncode == 0
+
+
+def test_a_file_swapped_for_a_link_during_ingest_is_refused(tmp_path):
+    from zipfs.errors import ZipfsError
+    from zipfs.ingest.plan import open_regular
+    secret, f = tmp_path / "secret", tmp_path / "f"
+    secret.write_bytes(b"not yours")
+    f.write_bytes(b"listed")
+    listed = os.lstat(f)
+    f.rename(tmp_path / "kept")  # kept: its inode number is not reused below
+    f.symlink_to(secret)
+    with pytest.raises(ZipfsError, match="f"):
+        open_regular(f, listed)
+    f.unlink()
+    f.write_bytes(b"another file, same name")
+    with pytest.raises(ZipfsError, match="replaced"):
+        open_regular(f, listed)
+
+
+def test_files_copied_out_with_their_xattrs_go_back_in(base_store, tmp_path):
+    m, out = tmp_path / "m", tmp_path / "out"
+    with mounted(base_store, m):
+        for tool in (["cp", "-a"], ["rsync", "-aX"]):
+            shutil.rmtree(out, ignore_errors=True)
+            r = subprocess.run([*tool, f"{m}/base/minilm/", str(out)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            r = subprocess.run([*tool, f"{out}/", str(m / "back")], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            assert sha256(m / "back/config.json") == sha256(out / "config.json")
+
+
+def test_a_read_only_mount_shows_a_rewrite_to_new_opens(base_store, tmp_path):
+    w, r = tmp_path / "w", tmp_path / "r"
+    with mounted(base_store, w), mounted(base_store, r, "--read-only"):
+        (w / "x").write_bytes(b"A" * 100_000)
+        sync(base_store, w)
+        wait_for(lambda: (r / "x").exists(), 5, "the file to show in the second mount")
+        with open(r / "x", "rb") as held:  # a reader there, open across the rewrites
+            assert held.read(10) == b"A" * 10
+            for new in (b"B" * 150, b"C" * 250_000):
+                (w / "x").write_bytes(new)  # the same inode, rewritten
+                sync(base_store, w)
+                wait_for(lambda new=new: (r / "x").read_bytes() == new, 5, "a new open to read the rewrite")
+            rest = held.read()  # the same inode: like any filesystem, it reads on into the rewrite
+            assert set(rest) <= set(b"AC") and len(rest) >= 100_000 - 10

@@ -583,7 +583,11 @@ class WritableOperations(Operations):
             await self._ack(h.live)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.flush(fh)
+        """fsync of any descriptor makes the file durable, as on Linux filesystems (a read-only
+        one included); flush, at close, acknowledges only what that descriptor wrote."""
+        h = self._handles.get(fh)
+        if h is not None:
+            await self._ack(h.live)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         """Namespace changes are durable when they return (one LMDB commit each)."""
@@ -609,8 +613,26 @@ class WritableOperations(Operations):
                 pass  # poisoned: reported by the flush or fsync that hit it
         if v.error and not v.acked:
             await self._discard(lf, v)
-        else:
-            self._idle(lf)
+            return
+        if v.error:
+            await self._roll_back(lf, v)
+        self._idle(lf)
+
+    async def _roll_back(self, lf: LiveFile, v: Version) -> None:
+        """A version that failed after an acknowledgement goes back to what was acknowledged: only
+        bytes past it were written in place (copy on write keeps the rest), so cutting it there
+        is exact. The file is writable again; the kernel's cached pages are dropped at its next
+        open."""
+        try:
+            with v.use():
+                await self._io(lambda: os.ftruncate(v.open(), v.acked_size))
+        except OSError as e:
+            log.error("%s: cannot cut version #%d back to its acknowledged size: %s", lf.path, v.sid, e)
+            return
+        log.warning("%s: a write failed (%s); back to the %d bytes last acknowledged", lf.path,
+                    os.strerror(v.error), v.acked_size)
+        v.size, v.error, v.writes, lf.times = v.acked_size, 0, v.acked_writes, None
+        self._stale.add(lf.ino)
 
     def _idle(self, lf: LiveFile) -> None:
         """Queue the working version for ingest when nothing writes it and it is acknowledged."""
@@ -646,6 +668,14 @@ class WritableOperations(Operations):
 
     # ---- background ingest ----
 
+    def _still_shown(self, v: Version) -> bool:
+        """Whether the store still has inode v.ino showing version v (blocking)."""
+        with self.store.read() as txn:
+            node = inodes.find(self.store, txn, v.ino)
+            row = journal.get(self.store, txn, v.sid)
+        return (node is not None and (node.content, node.content_id) == (inodes.STAGED, v.sid)
+                and row is not None and row.state == journal.LIVE)
+
     def _enqueue(self, v: Version) -> None:
         v.state = "queued"
         self._queue.append(v.sid)
@@ -675,7 +705,10 @@ class WritableOperations(Operations):
                 res = await trio.to_thread.run_sync(ingest_staged, self.ingester, v.sid, v.ino, fd,
                                                     v.acked_size, self._bases, limiter=self.ingest_limiter)
         except Exception as e:  # noqa: BLE001 - any failure leaves the file staged and readable
-            if v.state == "ingesting" and v.sid in self.versions:
+            if v.state == "ingesting" and not await self._thread(self._still_shown, v):
+                self.versions.pop(v.sid, None)  # removed or superseded meanwhile (zipfs rm, say)
+                v.state = "gone"
+            elif v.state == "ingesting" and v.sid in self.versions:
                 v.state, v.failure = "failed", str(e)
                 self.wstats.ingest_failures += 1
                 log.error("ingest of %s (staged version #%d) failed (it stays staged): %s",

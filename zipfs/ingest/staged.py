@@ -59,9 +59,10 @@ def ingest_staged(ing: Ingester, sid: int, ino: int, fd: int, size: int,
             node = inodes.get(store, txn, ino)
             if (node.content, node.content_id) != (inodes.STAGED, sid):
                 raise ZipfsError(f"staged version #{sid} of inode {ino} was superseded")
-            path = inodes.path_of(store, txn, node)
-            model = inodes.get(store, txn, node.parent) if node.parent != inodes.ROOT else node
-            model_path = inodes.path_of(store, txn, model)
+            path = inodes.describe(store, txn, ino)
+            parent = inodes.find(store, txn, node.parent) if node.parent != inodes.ROOT else None
+            model = parent if parent is not None else node
+            model_path = inodes.describe(store, txn, model.ino)
         choice = _base_for(ing, model, model_path, sid, path, bases)
 
         def commit(txn: lmdb.Transaction, fid: int, frec: FileRecord, rel: inodes.Released) -> None:

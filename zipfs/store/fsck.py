@@ -145,7 +145,7 @@ def _chunks(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes,
     records = dict(store.iter_chunks(txn, on_damage=lambda k, e: rep.problems.append(
         f"chunk {key_u64(k)}: {e}")))
     expected = expected_refs(files, records)
-    payload_ids = {key_u64(bytes(k)) for k in txn.cursor(db=store.db["payloads"]).iternext(values=False)}
+    payload_ids = set(store.payload_ids(txn, on_damage=lambda k, e: rep.problems.append(str(e))))
     hash_index: dict[bytes, int] = {}
     for k, v in store.scan(txn, "chunkhash", on_damage=lambda k, e: None):
         hash_index[k] = key_u64(v)

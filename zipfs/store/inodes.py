@@ -152,6 +152,15 @@ def entries(store: Store, txn: lmdb.Transaction, parent: int,
         yield k[8:], key_u64(v)
 
 
+def names_of(store: Store, txn: lmdb.Transaction, wanted: set[int]) -> list[tuple[int, tuple[int, bytes]]]:
+    """(ino, (parent, name)) of every entry naming one of wanted: a scan of all directory entries,
+    for the rare cases that need every hard link of a file (an inode records only its last name)."""
+    if not wanted:
+        return []
+    entries = store.scan(txn, "dirents", on_damage=lambda k, e: None)
+    return [(key_u64(v), (key_u64(k[:8]), k[8:])) for k, v in entries if len(v) == 8 and key_u64(v) in wanted]
+
+
 def is_empty(store: Store, txn: lmdb.Transaction, ino: int) -> bool:
     return next(iter(store.scan(txn, "dirents", u64key(ino))), None) is None
 
@@ -367,6 +376,9 @@ def _drop_name(store: Store, txn: lmdb.Transaction, d: Inode, name: bytes, node:
         _delete(store, txn, node, rel)
         return
     node.ctime_ns = now
+    if (node.parent, node.name) == (d.ino, name):  # its recorded name went: record another one
+        node.parent, node.name = next((where for _, where in names_of(store, txn, {node.ino})),
+                                      (node.parent, node.name))
     put(store, txn, node)
 
 

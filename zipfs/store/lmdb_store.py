@@ -271,6 +271,15 @@ class Store:
             raise StoreError(f"payload of chunk {chunk_id} is missing from the store")
         return self._in_file(raw)
 
+    def payload_ids(self, txn: lmdb.Transaction, on_damage: OnDamage) -> Iterator[int]:
+        """The chunk id of every payload (keys are not sealed: one that is not 8 bytes is damaged)."""
+        for k in txn.cursor(db=self.db["payloads"]).iternext(values=False):
+            k = bytes(self._in_file(k))
+            if len(k) == 8:
+                yield int.from_bytes(k, "big")
+            else:
+                on_damage(k[:16], DamagedRecord(f"a payload key of {len(k)} bytes is damaged"))
+
     def chunk(self, txn: lmdb.Transaction, chunk_id: int) -> ChunkRecord:
         raw = self.get(txn, "chunks", u64key(chunk_id))
         if raw is None:

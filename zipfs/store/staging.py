@@ -53,7 +53,8 @@ class Recovery:
 def _to_lost_found(store: Store, src: Path, hint: str) -> str:
     lost = store.path / LOST_FOUND
     lost.mkdir(mode=0o700, exist_ok=True)
-    name = f"{src.name}-{time.strftime('%Y%m%d-%H%M%S')}-{hint.replace('/', '_') or 'unnamed'}"[:240]
+    name = f"{src.name}-{time.strftime('%Y%m%d-%H%M%S')}-{hint.replace('/', '_') or 'unnamed'}"
+    name = os.fsencode(name)[:200].decode("utf-8", "ignore")  # a name, whatever the hint's length
     os.replace(src, lost / name)
     return str(lost / name)
 
@@ -104,11 +105,10 @@ def recover(store: Store) -> Recovery:
     def op(txn: lmdb.Transaction) -> None:
         for sid in drop_rows:
             store.delete(txn, "staged", u64key(sid))
-        for node in unname:
-            now = inodes.find(store, txn, node.ino)
-            if now is not None and now.content == inodes.NONE and \
-                    inodes.lookup(store, txn, now.parent, now.name) == now.ino:
-                inodes.unlink(store, txn, now.parent, now.name, time.time_ns(), rel)
+        for ino, (parent, name) in inodes.names_of(store, txn, {n.ino for n in unname}):
+            now = inodes.find(store, txn, ino)
+            if now is not None and now.content == inodes.NONE:
+                inodes.unlink(store, txn, parent, name, time.time_ns(), rel)
 
     store.writer.call(op)
     journal.purge(store, rel.dead)
