@@ -9,6 +9,7 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from tqdm import tqdm
 
@@ -314,8 +315,26 @@ def cmd_du(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error (the usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"zipfs: error: {message} (see '{self.prog} --help')\n")
+
+
+def _count(text: str) -> int:
+    """A number of threads: a whole number of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of threads (1 or more)")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zipfs", description=__doc__)
+    p = _Parser(prog="zipfs", description=__doc__)
     p.add_argument("--store", help="store directory (default $ZIPFS_STORE or ~/.local/share/zipfs)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -327,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("ingest", cmd_ingest, "store files or model directories")
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp.add_argument("--name", help="name in the store (default: the basename of PATH)")
-    sp.add_argument("--workers", type=int, default=None, help="encoding threads (default: cores)")
+    sp.add_argument("--workers", type=_count, default=None, help="encoding threads (default: cores)")
     sp.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
     sp.add_argument("--base", help="store deltas against this stored model (skip detection)")
     sp.add_argument("--no-delta", action="store_true", help="store standalone, no base model")
@@ -371,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("mountpoint")
     sp.add_argument("-f", "--foreground", action="store_true", help="do not go to the background")
     sp.add_argument("--cache-size", default="1G", help="decoded-chunk cache, e.g. 512M (default 1G)")
-    sp.add_argument("--workers", type=int, default=None, help="decode threads (default: cores)")
+    sp.add_argument("--workers", type=_count, default=None, help="decode threads (default: cores)")
     sp.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     sp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sp.add_argument("--log-file", help="log here (a background mount logs nowhere otherwise)")
@@ -381,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="staged bytes above which writes wait for background ingest (default 16G)")
     sp.add_argument("--read-only", action="store_true",
                     help="refuse writes (also what a second mount of a store gets)")
-    sp.add_argument("--ingest-workers", type=int, default=None,
+    sp.add_argument("--ingest-workers", type=_count, default=None,
                     help="encoding threads of background ingest (default: half the cores)")
 
     sp = add("sync", cmd_sync, "show a mount's ingest backlog; --wait until it is drained")

@@ -336,6 +336,14 @@ class Operations(pyfuse3.Operations):
         lf = self.live.get(ino)
         if lf is not None and await self._current(lf):
             return lf
+        for _ in range(4):
+            try:
+                return await self._load(ino, lf)
+            except ZipfsError:  # its staged version was ingested between our reads: look again
+                pass
+        return await self._load(ino, lf)
+
+    async def _load(self, ino: int, lf: LiveFile | None) -> LiveFile:
         self.pins.pin(ino)  # before the record is read: see zipfs.store.pins
         try:
             node = await self._thread(self.ns.find, ino)
@@ -379,8 +387,13 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        fh = self._open_handle(await self._live(inode), writable=False)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache, direct_io=False)
+        lf = await self._live(inode)
+        # the kernel caches one set of pages per inode: while a handle of another version of this
+        # inode is open (rewritten by another mount), this one bypasses the cache, or each would
+        # read the other's pages
+        direct = any(h.live.ino == inode and h.live is not lf for h in self._handles.values())
+        fh = self._open_handle(lf, writable=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache, direct_io=direct)
 
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
@@ -397,9 +410,17 @@ class Operations(pyfuse3.Operations):
         return await self._stored_read(h, off, size)
 
     async def _staged_read(self, v: Version, size: int, off: int) -> bytes:
+        """Bytes of a staged version; EIO when its staging file has fewer than the version holds
+        (cut by a damaged disk or a hand: a short read would show a shorter file as success)."""
         with v.use():
-            return await trio.to_thread.run_sync(lambda: os.pread(v.open(), size, off),
+            data = await trio.to_thread.run_sync(lambda: os.pread(v.open(), size, off),
                                                  limiter=self.io_limiter)
+        if len(data) < min(size, v.size - off):
+            self.stats.eio += 1
+            log.error("EIO reading staged version #%d at offset %d: its staging file ends at %d of %d bytes",
+                      v.sid, off, off + len(data), v.size)
+            raise pyfuse3.FUSEError(errno.EIO)
+        return data
 
     async def _stored_read(self, h: Handle, off: int, size: int) -> bytes:
         layout = h.live.layout

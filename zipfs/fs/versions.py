@@ -30,6 +30,9 @@ class Version:
     path: Path
     #: bytes written so far (unacknowledged ones included)
     size: int
+    #: at most this much of it takes disk space (bytes copied or written): a file made large by a
+    #: truncate is sparse, and counts little against the staging limit
+    written: int = -1
     fd: int = -1
     #: what the journal acknowledged of this version (-1: nothing yet; the inode does not show it)
     acked_size: int = -1
@@ -44,6 +47,11 @@ class Version:
     #: how a read-only mount opens it
     flags: int = os.O_RDWR
     ingest_ended: trio.Event | None = None
+
+    @property
+    def disk(self) -> int:
+        """An upper bound of the staging space it takes."""
+        return self.size if self.written < 0 else min(self.size, self.written)
 
     @property
     def acked(self) -> bool:

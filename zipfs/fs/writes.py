@@ -126,7 +126,7 @@ class WritableOperations(Operations):
         self._space = trio.Event()
 
     def _staged_bytes(self) -> int:
-        return sum(v.size for v in self.versions.values())
+        return sum(v.disk for v in self.versions.values())
 
     def _poison(self, v: Version, err: int, what: str) -> pyfuse3.FUSEError:
         v.error = v.error or err
@@ -216,12 +216,6 @@ class WritableOperations(Operations):
     async def _current(self, lf: LiveFile) -> bool:
         return True  # only this mount changes what a file holds: its LiveFile is the truth
 
-    async def _live(self, ino: int) -> LiveFile:
-        try:
-            return await super()._live(ino)
-        except ZipfsError:  # its ingest may have committed between our reads: look again
-            return await super()._live(ino)
-
     def _forget_live(self, lf: LiveFile) -> None:
         if lf.opens == 0 and not lf.done:
             before = self._before.pop(lf.ino, None)
@@ -291,12 +285,17 @@ class WritableOperations(Operations):
         if fields.update_size:
             lf = await self._live(inode)
             lf.opens += 1  # held for the duration, so it is not forgotten under us
+            h = self._handles.get(fh) if fh is not None else None
+            by_path = h is None or not h.writable  # truncate(2) by path: no close will follow
             try:
                 await self._truncate(lf, attr.st_size)
-                h = self._handles.get(fh) if fh is not None else None
-                if h is None or not h.writable:  # truncate(2) by path: no close will acknowledge it
+                if by_path:
                     await self._ack(lf)
                     self._idle(lf)
+            except pyfuse3.FUSEError:
+                if by_path and lf.writers == 0:
+                    await self._last_writer_closed(lf)  # drop or roll back what failed, as a close would
+                raise
             finally:
                 lf.opens -= 1
                 self._forget_live(lf)
@@ -379,7 +378,7 @@ class WritableOperations(Operations):
             await self._remove(lambda txn, rel: inodes.unlink(self.store, txn, parent_inode, name,
                                                               time.time_ns(), rel))
             raise
-        v = self.versions[sid] = Version(sid, node.ino, path, 0, fd=fd)
+        v = self.versions[sid] = Version(sid, node.ino, path, 0, written=0, fd=fd)
         v.hold()
         self.pins.pin(node.ino)
         lf = self.live[node.ino] = LiveFile(node.ino, await self._thread(self.ns.describe, node.ino), None,
@@ -462,7 +461,7 @@ class WritableOperations(Operations):
         except (ZipfsError, OSError):
             await self._drop_rows([sid])
             raise
-        v = self.versions[sid] = Version(sid, lf.ino, path, size, fd=fd)
+        v = self.versions[sid] = Version(sid, lf.ino, path, size, written=size, fd=fd)
         v.hold()
         if lf.ino in self._before:  # the previous working version was never acknowledged
             if old is not None:
@@ -517,6 +516,8 @@ class WritableOperations(Operations):
             raise self._poison(v, e.errno or errno.EIO, "write") from None
         faults.point("write")
         v.size = max(v.size, off + n)
+        if v.written >= 0:  # (a version recovered at start counts its whole size)
+            v.written += n
         v.writes += 1
         now = time.time_ns()
         lf.times = (now, now)

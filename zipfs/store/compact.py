@@ -36,6 +36,7 @@ def compact(path: Path) -> CompactResult:
         tmp.mkdir()
         new = tmp / "data.mdb"
         try:
+            store.check_tree()  # the copy walks every page
             store.env.copy(str(tmp), compact=True)
             with open(new, "rb") as f:
                 os.fsync(f.fileno())

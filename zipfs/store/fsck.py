@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from zipfs.errors import ZipfsError
+from zipfs.errors import StoreError, ZipfsError
 from zipfs.read.cache import ChunkCache
 from zipfs.read.chunks import ChunkSource
 from zipfs.store import inodes, journal, models
@@ -205,6 +205,11 @@ def fsck(store: Store, scrub: bool = False, repair: bool = False,
          progress: Callable[[int], None] | None = None) -> FsckReport:
     rep = FsckReport()
     fix = _Fixes()
+    try:
+        store.check_tree()  # a damaged B-tree would abort LMDB's cursors below
+    except StoreError as e:
+        rep.problems.append(str(e))
+        return rep
     with store.ingest_lock(exclusive=repair), store.read() as txn:
         _records(store, txn, rep.problems)
         files = file_records(store, txn, on_damage=lambda p, e: None)

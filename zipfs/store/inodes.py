@@ -37,9 +37,6 @@ NEXT_INO = b"next_ino"
 NONE, STORED, STAGED = 0, 1, 2
 _KINDS = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 _HEAD = struct.Struct("<IIIIQqqqQBQQH")
-#: no path has more components than this (each takes at least 2 of PATH_MAX's 4096 bytes)
-MAX_DEPTH = names.MAX_PATH // 2 + 1
-
 #: called with the path (or key) and error of a damaged record met while walking; the walk goes on
 OnDamage = Callable[[str, Exception], None]
 
@@ -183,9 +180,11 @@ def path_of(store: Store, txn: lmdb.Transaction, node: Inode) -> str:
     """The path of an inode by its parent pointers (a file's last name); NotFoundError when one
     of its directories is gone."""
     parts: list[bytes] = []
+    seen = set()  # directories nest as deep as mkdir at a time allows: only a loop is damage
     while node.ino != ROOT:
-        if len(parts) > MAX_DEPTH:
+        if node.ino in seen:
             raise DamagedRecord(f"inode {node.ino}: its parent directories form a loop")
+        seen.add(node.ino)
         parts.append(node.name)
         parent = find(store, txn, node.parent)
         if parent is None:
@@ -226,6 +225,7 @@ def walk_entries(store: Store, txn: lmdb.Transaction, path: str = "",
     if not top.is_dir:
         return
     stack = [_children(store, txn, names.normalize(path), top.ino, on_damage)]
+    seen = {top.ino}  # a directory has one name: met twice, the entries form a loop
     while stack:
         item = next(stack[-1], None)
         if item is None:
@@ -233,8 +233,9 @@ def walk_entries(store: Store, txn: lmdb.Transaction, path: str = "",
             continue
         yield item
         if item[3].is_dir:
-            if len(stack) > MAX_DEPTH:
-                raise DamagedRecord(f"{item[0]}: directories nest deeper than any path can")
+            if item[3].ino in seen:
+                raise DamagedRecord(f"{item[0]}: a directory entry leads back to a directory above it")
+            seen.add(item[3].ino)
             stack.append(_children(store, txn, item[0], item[3].ino, on_damage))
 
 
@@ -404,11 +405,13 @@ def rmdir(store: Store, txn: lmdb.Transaction, parent: int, name: bytes, now: in
 
 def _is_within(store: Store, txn: lmdb.Transaction, ino: int, ancestor: int) -> bool:
     """Whether directory ino is ancestor or lies under it."""
-    for _ in range(MAX_DEPTH):
+    seen = set()
+    while ino not in seen:
         if ino == ancestor:
             return True
         if ino == ROOT:
             return False
+        seen.add(ino)
         ino = get(store, txn, ino).parent
     raise DamagedRecord("directory parents form a loop")
 
@@ -420,6 +423,8 @@ def rename(store: Store, txn: lmdb.Transaction, old_parent: int, old_name: bytes
            new_name: bytes, flags: int, now: int, rel: Released) -> None:
     """POSIX rename (and Linux's RENAME_NOREPLACE / RENAME_EXCHANGE): one entry moves, what the
     new name held goes away (or, exchanging, takes the old name)."""
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        raise NamespaceError(errno.EINVAL, f"rename flags {flags:#x} are not supported")  # WHITEOUT
     od, nd = _dir(store, txn, old_parent), _dir(store, txn, new_parent)
     src = _child(store, txn, old_parent, old_name)
     names.check_component(new_name)

@@ -139,6 +139,7 @@ def gc(store: Store, batch: int = 1024) -> GcResult:
     index entry. Freeing a delta chunk drops its reference on its base chunk; a base that
     reaches zero joins the queue."""
     res = GcResult()
+    store.check_tree()  # it walks every chunk, orphan and pin
     with store.ingest_lock(exclusive=True):
         journal.purge(store, _reap_orphans(store, res))
         with store.read() as txn:

@@ -130,6 +130,7 @@ class Store:
         self._data_fd = -1
         try:
             self._data_fd = os.open(data, os.O_RDONLY)
+            self.check_tree(leaves=False)
             self.db = {n: self.env.open_db(n.encode()) for n in TABLES}
             self._map_base = self._find_map_base()
             self._map_size = self.env.info()["map_size"]
@@ -211,6 +212,15 @@ class Store:
             os.posix_fadvise(self._data_fd, addr - self._map_base, len(v), os.POSIX_FADV_WILLNEED)
 
     # ---- transactions and records ----
+
+    def check_tree(self, leaves: bool = True) -> None:
+        """StoreError when a B-tree of the store is damaged (see datafile.check_tree): checked at
+        every open (branch pages), and all of it before the commands that walk every record."""
+        data = self.path / "lmdb" / "data.mdb"
+        for _ in range(20):  # a snapshot that two commits have not yet passed
+            with self.env.begin() as txn:
+                if datafile.check_tree(data, txn.id(), leaves):
+                    return
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
