@@ -793,3 +793,10 @@ def test_a_sparse_file_counts_what_it_takes_against_the_staging_limit(tmp_path):
         assert json.loads(os.getxattr(m, "user.zipfs.stats"))["backpressure_waits"] == 0
         sync(store, m)
         assert os.stat(m / "big").st_size == 256 * MiB
+
+
+def test_ingest_refuses_a_file_that_holds_more_than_its_size_says(tmp_path):
+    store = tmp_path / "store"
+    err = one_line_error(cli(store, "ingest", "/proc/self/mountinfo", "--name", "mi"))  # st_size 0
+    assert "more than its size says" in err
+    assert cli(store, "cat", "mi").returncode != 0  # nothing stored under the name

@@ -191,9 +191,11 @@ class Ingester:
         t0 = time.perf_counter()
         fd = open_regular(src, expect) if isinstance(src, Path) else src
         try:
+            whole = None
             if size is None:
-                size = os.fstat(fd).st_size
-            return self._ingest_fd(fd, size, name, commit, base_lookup, t0)
+                whole = os.fstat(fd)
+                size = whole.st_size
+            return self._ingest_fd(fd, size, name, commit, base_lookup, t0, whole)
         except OSError as e:
             raise ZipfsError(f"cannot read {src if isinstance(src, Path) else name}: {e.strerror}") from None
         finally:
@@ -201,7 +203,8 @@ class Ingester:
                 os.close(fd)
 
     def _ingest_fd(self, fd: int, size: int, name: str, commit: Commit, base_lookup: BaseLookup | None,
-                   t0: float) -> FileReport:
+                   t0: float, whole: os.stat_result | None = None) -> FileReport:
+        """whole: the file's fstat when the whole of it is stored; it must read as that at the end."""
         plan = plan_file(name, read_prefix(fd, size), size)
         window: deque[tuple[int, int, Future[_Prepared]]] = deque()  # (segment, raw length, job)
         offsets: list[int] = []
@@ -262,6 +265,8 @@ class Ingester:
                 digest = blake3.blake3(b"".join(seg_hashes[si]))
                 tensors.append(TensorEntry(t.name, t.dtype.name, list(t.shape), t.start, t.end,
                                            digest.hexdigest()))
+            if whole is not None:
+                _unchanged(fd, whole, name)
             frec = FileRecord(size=size, sha256=sha.hexdigest(), kind=plan.kind,
                               offsets=np.array(offsets, dtype=np.uint64), chunk_ids=chunk_ids,
                               tensors=tensors, note=plan.note, new_bytes=stats["new_bytes"],
@@ -282,3 +287,11 @@ class Ingester:
                 self._session.pending.pop(h, None)
         return FileReport(name, size, plan.kind, plan.note, len(ids), stats["reused"],
                           stats["delta"], stats["new_bytes"], time.perf_counter() - t0, fid)
+
+
+def _unchanged(fd: int, st: os.stat_result, name: str) -> None:
+    """ZipfsError when the file changed while it was read, or holds more than its size says (a
+    /proc file, say): what was read is not the file."""
+    now = os.fstat(fd)
+    if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or os.pread(fd, 1, st.st_size):
+        raise ZipfsError(f"{name}: changed while being read, or holds more than its size says; not stored")
