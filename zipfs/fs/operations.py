@@ -20,7 +20,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -156,9 +156,14 @@ class Operations(pyfuse3.Operations):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     def _overlay(self, node: Inode) -> Inode:
-        """A regular file's attributes as this mount sees them now (unacknowledged writes
-        included); the writable mount overrides."""
-        return node
+        """A regular file's attributes as this mount sees them now. A file open here that the
+        writing mount rewrote keeps showing the size and times of the version its handles read
+        until the next open loads the new one (close-to-open, as NFS): a newer size with the
+        older bytes would be neither version. The writable mount overrides."""
+        lf = self.live.get(node.ino) if node.is_reg else None
+        if lf is None or lf.node is None or not lf.opens or lf.content_key == (node.content, node.content_id):
+            return node
+        return replace(node, size=lf.node.size, mtime_ns=lf.node.mtime_ns, ctime_ns=lf.node.ctime_ns)
 
     def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
         node = self._overlay(node)
@@ -326,8 +331,7 @@ class Operations(pyfuse3.Operations):
 
     async def _current(self, lf: LiveFile) -> bool:
         """Whether a loaded LiveFile still shows what its inode holds. A read-only mount sees
-        another mount's writes: a file rewritten there is loaded anew for new opens (the old
-        handles keep the version they opened)."""
+        another mount's writes: a file rewritten there is loaded anew at the next open."""
         node = await self._thread(self.ns.find, lf.ino)
         return node is not None and (node.content, node.content_id) == lf.content_key
 
@@ -363,9 +367,22 @@ class Operations(pyfuse3.Operations):
             if version is not None:
                 version.let_go()
             return other
-        self.live[ino] = LiveFile(ino, path, content.layout, content.tensors, content.sha256, version,
-                                  node=node, content_key=(node.content, node.content_id))
-        return self.live[ino]
+        new = self.live[ino] = LiveFile(ino, path, content.layout, content.tensors, content.sha256, version,
+                                        node=node, content_key=(node.content, node.content_id))
+        if other is not None:
+            self._move_handles(other, new)
+        return new
+
+    def _move_handles(self, old: LiveFile, new: LiveFile) -> None:
+        """The writing mount rewrote the file in place (the same inode): the handles open here
+        read the new version from now on, as that mount's own handles do. One version per inode:
+        the kernel keeps one page cache per inode (this open drops it), so two would mix."""
+        for h in self._handles.values():
+            if h.live is old:
+                h.live, h.tensor_starts = new, [t.start for t in new.tensors]
+                old.opens -= 1
+                new.opens += 1
+        self._forget_live(old)
 
     def _forget_live(self, lf: LiveFile) -> None:
         """The last handle of a file went: unpin it and let its version go."""
@@ -387,13 +404,8 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        lf = await self._live(inode)
-        # the kernel caches one set of pages per inode: while a handle of another version of this
-        # inode is open (rewritten by another mount), this one bypasses the cache, or each would
-        # read the other's pages
-        direct = any(h.live.ino == inode and h.live is not lf for h in self._handles.values())
-        fh = self._open_handle(lf, writable=False)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache, direct_io=direct)
+        fh = self._open_handle(await self._live(inode), writable=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache, direct_io=False)
 
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)

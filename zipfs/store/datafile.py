@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import time
 from pathlib import Path
 
 from zipfs.errors import StoreError
@@ -43,16 +44,30 @@ def _meta(page: bytes) -> tuple[int, int, int] | None:
     return psize, last, txnid
 
 
-def check(path: Path) -> None:
-    """StoreError when data.mdb at path is not a complete LMDB file; nothing when it is."""
+def check(path: Path, attempts: int = 5) -> None:
+    """StoreError when data.mdb at path is not a complete LMDB file; nothing when it is.
+
+    The meta pages are read as they are, while another process may commit (rewriting one of
+    them and growing the file): what looks damaged is read again a few times, since only
+    damage stays."""
+    for attempt in range(attempts):
+        try:
+            return _check_once(path)
+        except StoreError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+
+
+def _check_once(path: Path) -> None:
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
             first = f.read(4096)
             m0 = _meta(first)
             psize = m0[0] if m0 else 4096
             f.seek(psize)
             m1 = _meta(f.read(4096))
+            size = os.fstat(f.fileno()).st_size  # after the metas: a commit only grows the file
     except OSError as e:
         raise StoreError(f"cannot read {path}: {e.strerror}") from None
     if m0 is None or m1 is None:

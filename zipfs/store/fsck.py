@@ -115,7 +115,8 @@ def _namespace(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes
             if r is None or not r.acked or r.ino != ino:
                 problems.append(f"{inodes.describe(store, txn, ino)}: its staged version "
                                 f"#{node.content_id} has no acknowledged journal record")
-            elif not journal.staging_path(store, node.content_id).exists():
+            elif not journal.staging_path(store, node.content_id).exists() \
+                    and _still_staged(store, ino, node.content_id):  # not ingested since our snapshot
                 problems.append(f"{inodes.describe(store, txn, ino)}: staging file of #{node.content_id} "
                                 "is missing")
     for fid in files:
@@ -138,6 +139,13 @@ def _namespace(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes
     for k, _ in store.scan(txn, "xattrs", on_damage=lambda k, e: None):
         if key_u64(k[:8]) not in nodes:
             problems.append(f"extended attribute of missing inode {key_u64(k[:8])}")
+
+
+def _still_staged(store: Store, ino: int, sid: int) -> bool:
+    """Whether inode ino shows staged version sid now (an ingest commits, then removes the file)."""
+    with store.read() as txn:
+        node = inodes.find(store, txn, ino)
+    return node is not None and (node.content, node.content_id) == (inodes.STAGED, sid)
 
 
 def _chunks(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes,
