@@ -322,15 +322,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"zipfs: error: {message} (see '{self.prog} --help')\n")
 
 
-def _count(text: str) -> int:
-    """A number of threads: a whole number of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of threads (1 or more)")
-    return n
+def _whole(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from lo to hi, or a one-line usage error naming what."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = lo - 1
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return n
+    return parse
+
+
+_count = _whole(1, 4096, "a number of threads (1 or more)")
+_level = _whole(1, 22, "a zstd level (1 to 22)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp.add_argument("--name", help="name in the store (default: the basename of PATH)")
     sp.add_argument("--workers", type=_count, default=None, help="encoding threads (default: cores)")
-    sp.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
+    sp.add_argument("--level", type=_level, default=1, help="zstd level (default 1)")
     sp.add_argument("--base", help="store deltas against this stored model (skip detection)")
     sp.add_argument("--no-delta", action="store_true", help="store standalone, no base model")
     sp.add_argument("-v", "--verbose", action="store_true", help="show base candidates and scores")
