@@ -20,7 +20,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -121,6 +121,8 @@ class Operations(pyfuse3.Operations):
     #: the writable mount keeps page caches (every change of a file's bytes comes through the
     #: kernel); a read-only one sees another mount's writes, so it drops them at each open
     keep_cache = False
+    #: another mount writes the store: a file open here can change under its handles
+    sees_other_writers = True
 
     def __init__(self, ns: Namespace, source: ChunkSource, workers: int, pins: Pins) -> None:
         super().__init__()
@@ -156,14 +158,9 @@ class Operations(pyfuse3.Operations):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     def _overlay(self, node: Inode) -> Inode:
-        """A regular file's attributes as this mount sees them now. A file open here that the
-        writing mount rewrote keeps showing the size and times of the version its handles read
-        until the next open loads the new one (close-to-open, as NFS): a newer size with the
-        older bytes would be neither version. The writable mount overrides."""
-        lf = self.live.get(node.ino) if node.is_reg else None
-        if lf is None or lf.node is None or not lf.opens or lf.content_key == (node.content, node.content_id):
-            return node
-        return replace(node, size=lf.node.size, mtime_ns=lf.node.mtime_ns, ctime_ns=lf.node.ctime_ns)
+        """A regular file's attributes as this mount sees them now (unacknowledged writes
+        included); the writable mount overrides."""
+        return node
 
     def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
         node = self._overlay(node)
@@ -223,10 +220,21 @@ class Operations(pyfuse3.Operations):
             neg.st_ino = 0
             neg.entry_timeout = ENTRY_TIMEOUT
             return neg
+        await self._notice(node)
         return self._attr(node)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        return self._attr(await self._node(inode))
+        node = await self._node(inode)
+        await self._notice(node)
+        return self._attr(node)
+
+    async def _notice(self, node: Inode) -> None:
+        """Before this mount tells the kernel a file's attributes: if the writing mount rewrote
+        it in place while it is open here, switch to the new version first (see _move_handles),
+        so the size the kernel learns is that of the bytes every handle reads."""
+        lf = self.live.get(node.ino) if self.sees_other_writers and node.is_reg else None
+        if lf is not None and lf.opens and lf.content_key != (node.content, node.content_id):
+            await self._live(node.ino)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = await self._node(inode)
@@ -236,6 +244,8 @@ class Operations(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         entries = await self._thread(self.ns.listdir, inode)
+        for _, node in entries:
+            await self._notice(node)
         fh = self._new_fh()
         self._dirs[fh] = [(name, self._attr(node)) for name, node in entries]
         return fh
@@ -369,20 +379,25 @@ class Operations(pyfuse3.Operations):
             return other
         new = self.live[ino] = LiveFile(ino, path, content.layout, content.tensors, content.sha256, version,
                                         node=node, content_key=(node.content, node.content_id))
-        if other is not None:
-            self._move_handles(other, new)
+        if other is not None and other.opens:
+            await self._move_handles(other, new)
         return new
 
-    def _move_handles(self, old: LiveFile, new: LiveFile) -> None:
+    async def _move_handles(self, old: LiveFile, new: LiveFile) -> None:
         """The writing mount rewrote the file in place (the same inode): the handles open here
-        read the new version from now on, as that mount's own handles do. One version per inode:
-        the kernel keeps one page cache per inode (this open drops it), so two would mix."""
+        read the new version from now on, as that mount's own handles see a rewrite. One version
+        per inode: the kernel keeps one page cache per inode, dropped here before anything of the
+        new version is told (reads of the old one in flight hold their pages until done)."""
         for h in self._handles.values():
             if h.live is old:
                 h.live, h.tensor_starts = new, [t.start for t in new.tensors]
                 old.opens -= 1
                 new.opens += 1
         self._forget_live(old)
+        try:  # in a thread: the kernel waits for pages of reads this thread must still answer
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, new.ino, False)
+        except OSError as e:
+            log.warning("%s: cannot drop the kernel's cached pages of the old version: %s", new.path, e)
 
     def _forget_live(self, lf: LiveFile) -> None:
         """The last handle of a file went: unpin it and let its version go."""

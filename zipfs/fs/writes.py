@@ -87,6 +87,7 @@ class WritableOperations(Operations):
     """The read path plus create/write/rename/..., versions and background ingest."""
 
     keep_cache = True
+    sees_other_writers = False
 
     def __init__(self, ns: Namespace, source: ChunkSource, workers: int, pins: Pins, ingester: Ingester,
                  staging_limit: int, recovered: dict[int, StagedRecord]) -> None:
