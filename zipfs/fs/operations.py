@@ -141,6 +141,7 @@ class Operations(pyfuse3.Operations):
         self.io_limiter = trio.CapacityLimiter(8)
         self.stats = MountStats()
         self.live: dict[int, LiveFile] = {}
+        self._switching: dict[int, trio.Lock] = {}
         self._inflight: dict[int, _Job] = {}
         self._served: dict[int, int] = {}
         self._handles: dict[int, Handle] = {}
@@ -220,21 +221,20 @@ class Operations(pyfuse3.Operations):
             neg.st_ino = 0
             neg.entry_timeout = ENTRY_TIMEOUT
             return neg
-        await self._notice(node)
-        return self._attr(node)
+        return self._attr(await self._notice(node))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        node = await self._node(inode)
-        await self._notice(node)
-        return self._attr(node)
+        return self._attr(await self._notice(await self._node(inode)))
 
-    async def _notice(self, node: Inode) -> None:
-        """Before this mount tells the kernel a file's attributes: if the writing mount rewrote
-        it in place while it is open here, switch to the new version first (see _move_handles),
-        so the size the kernel learns is that of the bytes every handle reads."""
+    async def _notice(self, node: Inode) -> Inode:
+        """The record to tell the kernel of. If the writing mount rewrote a file in place while
+        it is open here, switch to the new version first (see _move_handles) and tell the one
+        the handles now read: the size the kernel learns is that of the bytes they return."""
         lf = self.live.get(node.ino) if self.sees_other_writers and node.is_reg else None
-        if lf is not None and lf.opens and lf.content_key != (node.content, node.content_id):
-            await self._live(node.ino)
+        if lf is None or not lf.opens or lf.content_key == (node.content, node.content_id):
+            return node
+        lf = await self._live(node.ino)
+        return lf.node if lf.node is not None else node
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = await self._node(inode)
@@ -243,9 +243,8 @@ class Operations(pyfuse3.Operations):
         return node.target
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        entries = await self._thread(self.ns.listdir, inode)
-        for _, node in entries:
-            await self._notice(node)
+        listed = await self._thread(self.ns.listdir, inode)
+        entries = [(name, await self._notice(node)) for name, node in listed]
         fh = self._new_fh()
         self._dirs[fh] = [(name, self._attr(node)) for name, node in entries]
         return fh
@@ -346,10 +345,27 @@ class Operations(pyfuse3.Operations):
         return node is not None and (node.content, node.content_id) == lf.content_key
 
     async def _live(self, ino: int) -> LiveFile:
-        """The LiveFile of inode ino, loaded (and pinned) on first use."""
+        """The LiveFile of inode ino, loaded (and pinned) on first use; in a mount that sees
+        another mount's writes, the current one, checked and switched to under a lock per inode
+        (two requests switching at once would leave handles on a version let go)."""
         lf = self.live.get(ino)
-        if lf is not None and await self._current(lf):
-            return lf
+        if not self.sees_other_writers:
+            return lf if lf is not None else await self._load_retrying(ino, None)
+        lock = self._switching.setdefault(ino, trio.Lock())
+        try:
+            async with lock:
+                while True:
+                    lf = self.live.get(ino)
+                    if lf is None or not await self._current(lf) or self.live.get(ino) is not lf:
+                        lf = await self._load_retrying(ino, lf)
+                    if not lf.done:
+                        return lf
+                    # every handle closed while the kernel's pages were dropped: load it afresh
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._switching.pop(ino, None)
+
+    async def _load_retrying(self, ino: int, lf: LiveFile | None) -> LiveFile:
         for _ in range(4):
             try:
                 return await self._load(ino, lf)
@@ -379,25 +395,34 @@ class Operations(pyfuse3.Operations):
             return other
         new = self.live[ino] = LiveFile(ino, path, content.layout, content.tensors, content.sha256, version,
                                         node=node, content_key=(node.content, node.content_id))
-        if other is not None and other.opens:
+        if other is not None:
             await self._move_handles(other, new)
         return new
 
     async def _move_handles(self, old: LiveFile, new: LiveFile) -> None:
         """The writing mount rewrote the file in place (the same inode): the handles open here
         read the new version from now on, as that mount's own handles see a rewrite. One version
-        per inode: the kernel keeps one page cache per inode, dropped here before anything of the
-        new version is told (reads of the old one in flight hold their pages until done)."""
+        per inode: the kernel keeps one page cache per inode. Its attributes are dropped first (a
+        read that asks for the size again waits for this switch, under the inode's lock), then
+        the handles move, then its pages go (reads of the old version in flight keep their
+        pages until they are answered). A read racing the switch itself may still get part of
+        each version, as one racing an in-place write does on a local filesystem."""
+        if old.opens:
+            await self._invalidate(new, attr_only=True)
         for h in self._handles.values():
             if h.live is old:
                 h.live, h.tensor_starts = new, [t.start for t in new.tensors]
                 old.opens -= 1
                 new.opens += 1
         self._forget_live(old)
+        if new.opens:  # else the kernel drops its pages at the next open (keep_cache)
+            await self._invalidate(new, attr_only=False)
+
+    async def _invalidate(self, lf: LiveFile, attr_only: bool) -> None:
         try:  # in a thread: the kernel waits for pages of reads this thread must still answer
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, new.ino, False)
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, lf.ino, attr_only)
         except OSError as e:
-            log.warning("%s: cannot drop the kernel's cached pages of the old version: %s", new.path, e)
+            log.warning("%s: cannot drop what the kernel cached of the old version: %s", lf.path, e)
 
     def _forget_live(self, lf: LiveFile) -> None:
         """The last handle of a file went: unpin it and let its version go."""

@@ -87,7 +87,7 @@ class WritableOperations(Operations):
     """The read path plus create/write/rename/..., versions and background ingest."""
 
     keep_cache = True
-    sees_other_writers = False
+    sees_other_writers = False  # only this mount changes what a file holds: its LiveFile is the truth
 
     def __init__(self, ns: Namespace, source: ChunkSource, workers: int, pins: Pins, ingester: Ingester,
                  staging_limit: int, recovered: dict[int, StagedRecord]) -> None:
@@ -213,9 +213,6 @@ class WritableOperations(Operations):
             raise ZipfsError(f"inode {node.ino}: its staged version #{node.content_id} is not known "
                              "to this mount")
         return await self._hold_open(v)
-
-    async def _current(self, lf: LiveFile) -> bool:
-        return True  # only this mount changes what a file holds: its LiveFile is the truth
 
     def _forget_live(self, lf: LiveFile) -> None:
         if lf.opens == 0 and not lf.done:
