@@ -16,6 +16,7 @@ import signal
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -811,3 +812,51 @@ def test_ingest_refuses_a_file_that_holds_more_than_its_size_says(tmp_path):
     err = one_line_error(cli(store, "ingest", "/proc/self/mountinfo", "--name", "mi"))  # st_size 0
     assert "more than its size says" in err
     assert cli(store, "cat", "mi").returncode != 0  # nothing stored under the name
+
+
+def test_readers_in_a_read_only_mount_while_the_writer_rewrites_every_20_ms(tmp_path):
+    """Many switches, many handles: no read fails and no mapped reader dies (a handle left on a
+    version already let go read a staging file the ingest had removed: ENOENT, SIGBUS)."""
+    store, w, r = tmp_path / "store", tmp_path / "w", tmp_path / "r"
+    size = 65536
+    child = ("import mmap, os, sys, time\n"
+             "end = time.time() + float(sys.argv[2])\n"
+             "while time.time() < end:\n"
+             "    fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "    with mmap.mmap(fd, 65536, prot=mmap.PROT_READ) as m:\n"
+             "        assert len(bytes(m[:])) == 65536\n"
+             "    os.close(fd)\n")
+    errors: list[str] = []
+    with mounted(store, w), mounted(store, r, "--read-only", log=tmp_path / "r.log"):
+        (w / "f").write_bytes(b"\0" * size)
+        sync(store, w)
+        wait_for(lambda: (r / "f").exists(), 5, "the file to show in the second mount")
+        end = time.monotonic() + 6
+        mapper = subprocess.Popen([sys.executable, "-c", child, str(r / "f"), "6"])
+
+        def reader() -> None:
+            while time.monotonic() < end:
+                try:
+                    fd = os.open(r / "f", os.O_RDONLY)
+                    try:
+                        if len(os.pread(fd, size, 0)) != size:
+                            errors.append("short read")
+                        os.stat(r / "f")
+                    finally:
+                        os.close(fd)
+                except OSError as e:
+                    errors.append(str(e))
+
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for t in threads:
+            t.start()
+        v = 0
+        while time.monotonic() < end:
+            v += 1
+            (w / "f").write_bytes(v.to_bytes(8, "little") * (size // 8))  # the same inode, rewritten
+            time.sleep(0.02)
+        for t in threads:
+            t.join()
+        assert mapper.wait(30) == 0  # not killed by SIGBUS
+    assert not errors, errors[:5]
+    assert " ERROR " not in (tmp_path / "r.log").read_text()
