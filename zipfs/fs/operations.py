@@ -77,6 +77,11 @@ class LiveFile:
     content_key: tuple[int, int] = (0, 0)
     #: its handles are all gone and its pin with them
     done: bool = False
+    #: where each tensor starts, for bisect (prefetch of the rest of a tensor being read)
+    tensor_starts: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tensor_starts = [t.start for t in self.tensors]
 
 
 @dataclass
@@ -88,7 +93,6 @@ class Handle:
     #: the furthest offset a read of this handle reached (sequential detection)
     next_off: int = -1
     seen_tensors: set[int] = field(default_factory=set)
-    tensor_starts: list[int] = field(default_factory=list)
 
 
 class _Job:
@@ -411,7 +415,7 @@ class Operations(pyfuse3.Operations):
             await self._invalidate(new, attr_only=True)
         for h in self._handles.values():
             if h.live is old:
-                h.live, h.tensor_starts = new, [t.start for t in new.tensors]
+                h.live = new
                 old.opens -= 1
                 new.opens += 1
         self._forget_live(old)
@@ -437,7 +441,7 @@ class Operations(pyfuse3.Operations):
 
     def _open_handle(self, lf: LiveFile, writable: bool) -> int:
         fh = self._new_fh()
-        self._handles[fh] = Handle(lf, writable, tensor_starts=[t.start for t in lf.tensors])
+        self._handles[fh] = Handle(lf, writable)
         lf.opens += 1
         return fh
 
@@ -555,7 +559,7 @@ class Operations(pyfuse3.Operations):
             ahead = max(end, h.next_off)
             self._queue_range(layout, ahead, min(layout.size, ahead + SEQUENTIAL_AHEAD))
         h.next_off = max(h.next_off, end) if off <= h.next_off else end
-        i = bisect.bisect_right(h.tensor_starts, off) - 1
+        i = bisect.bisect_right(h.live.tensor_starts, off) - 1
         if i >= 0 and i not in h.seen_tensors and off < h.live.tensors[i].end:
             h.seen_tensors.add(i)
             t = h.live.tensors[i]
