@@ -42,7 +42,7 @@ import fetch_models  # noqa: E402
 from zipfs.errors import CorruptChunkError, FormatError  # noqa: E402
 from zipfs.formats import safetensors as st  # noqa: E402
 from zipfs.fs.process import ROOT as PROCESS_ROOT  # noqa: E402
-from zipfs.fs.process import unmount, zipfs_cmd  # noqa: E402
+from zipfs.fs.process import stop, zipfs_cmd  # noqa: E402
 from zipfs.ingest.ingester import Ingester  # noqa: E402
 from zipfs.ingest.model import ingest_model, ingest_one  # noqa: E402
 from zipfs.read.cache import ChunkCache  # noqa: E402
@@ -444,13 +444,7 @@ class Lab:
                 time.sleep(0.02)
             yield proc, os.path.ismount(mnt)
         finally:
-            unmount(mnt)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            unmount(mnt)
+            stop(proc, mnt, timeout=20)
 
     def mount_err(self) -> str:
         return (self.work / "mount.err").read_text(errors="replace")

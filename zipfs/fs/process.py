@@ -49,6 +49,18 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str,
         time.sleep(0.05)
 
 
+def stop(proc: subprocess.Popen, mnt: Path, timeout: float = 15) -> None:
+    """Unmount mnt and reap its mount process (killed if it does not exit), leaving nothing
+    mounted."""
+    unmount(mnt)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    unmount(mnt)
+
+
 @contextmanager
 def mounted(store: Path, mnt: Path, *extra: str, log: Path | None = None,
             env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
@@ -63,10 +75,4 @@ def mounted(store: Path, mnt: Path, *extra: str, log: Path | None = None,
         wait_for(lambda: os.path.ismount(mnt), 30, "the mount", proc, log)
         yield proc
     finally:
-        unmount(mnt)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        unmount(mnt)
+        stop(proc, mnt)
