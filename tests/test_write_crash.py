@@ -381,6 +381,15 @@ class Driver:
             if pos < len(data) and self.rng.random() < 0.1:
                 self.fsync(fd, rel, shown)
 
+    def write_new(self, rel: str, flags: int, data: bytes, p_fsync: float) -> None:
+        """Open rel with flags, write data in pieces, fsync with probability p_fsync, close."""
+        fd = self.open(rel, os.O_WRONLY | os.O_CREAT | flags)
+        shown = bytearray()
+        self.write_all(fd, rel, shown, data, 0)
+        if self.rng.random() < p_fsync:
+            self.fsync(fd, rel, shown)
+        self.close(fd, rel, shown)
+
     def close_fds(self) -> None:
         """Close what an interrupted operation left open (the mount is dead: nothing is acknowledged)."""
         assert self.proc.poll() is not None
@@ -492,12 +501,7 @@ class Driver:
         rel = final + ".incomplete" if via_rename else final
         self.begin("create", f"create {rel}: {what}")
         self.last = final
-        fd = self.open(rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        shown = bytearray()
-        self.write_all(fd, rel, shown, data, 0)
-        if self.rng.random() < 0.3:
-            self.fsync(fd, rel, shown)
-        self.close(fd, rel, shown)
+        self.write_new(rel, os.O_TRUNC, data, 0.3)
         if via_rename:
             self.ack(f"rename {rel} {final}", {rel: None, final: data}, os.rename, self.m / rel,
                      self.m / final)
@@ -587,12 +591,7 @@ class Driver:
         d, _, name = rel.rpartition("/")
         tmp = f"{d}/.{name}.{next(self.serial)}.tmp"
         self.begin("rename-over", f"write {tmp} ({what}) and rename it over {rel}", st)
-        fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        shown = bytearray()
-        self.write_all(fd, tmp, shown, data, 0)
-        if self.rng.random() < 0.5:
-            self.fsync(fd, tmp, shown)
-        self.close(fd, tmp, shown)
+        self.write_new(tmp, os.O_EXCL, data, 0.5)
         self.ack(f"rename {tmp} {rel}", {tmp: None, rel: data}, os.rename, self.m / tmp, self.m / rel)
         self.readback(rel)
 
