@@ -214,11 +214,15 @@ class WritableOperations(Operations):
                              "to this mount")
         return await self._hold_open(v)
 
+    def _let_before_go(self, ino: int) -> None:
+        """The file no longer needs what it showed before its working version (kept to go back to)."""
+        before = self._before.pop(ino, None)
+        if isinstance(before, Version):
+            before.let_go()
+
     def _forget_live(self, lf: LiveFile) -> None:
         if lf.opens == 0 and not lf.done:
-            before = self._before.pop(lf.ino, None)
-            if isinstance(before, Version):
-                before.let_go()
+            self._let_before_go(lf.ino)
             self._locks.pop(lf.ino, None)
         super()._forget_live(lf)
 
@@ -571,9 +575,7 @@ class WritableOperations(Operations):
         v.acked_size, v.acked_writes = size, writes
         if lf.times == times:
             lf.times = None  # the record has them now
-        before = self._before.pop(lf.ino, None)
-        if isinstance(before, Version):
-            before.let_go()
+        self._let_before_go(lf.ino)
         await self._finish(rel)
 
     async def flush(self, fh: int) -> None:
@@ -670,10 +672,9 @@ class WritableOperations(Operations):
     def _still_shown(self, v: Version) -> bool:
         """Whether the store still has inode v.ino showing version v (blocking)."""
         with self.store.read() as txn:
-            node = inodes.find(self.store, txn, v.ino)
             row = journal.get(self.store, txn, v.sid)
-        return (node is not None and (node.content, node.content_id) == (inodes.STAGED, v.sid)
-                and row is not None and row.state == journal.LIVE)
+            return inodes.shows_staged(self.store, txn, v.ino, v.sid) and row is not None \
+                and row.state == journal.LIVE
 
     def _enqueue(self, v: Version) -> None:
         v.state = "queued"

@@ -144,8 +144,7 @@ def _namespace(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes
 def _still_staged(store: Store, ino: int, sid: int) -> bool:
     """Whether inode ino shows staged version sid now (an ingest commits, then removes the file)."""
     with store.read() as txn:
-        node = inodes.find(store, txn, ino)
-    return node is not None and (node.content, node.content_id) == (inodes.STAGED, sid)
+        return inodes.shows_staged(store, txn, ino, sid)
 
 
 def _chunks(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes,

@@ -193,6 +193,12 @@ def path_of(store: Store, txn: lmdb.Transaction, node: Inode) -> str:
     return "/".join(names.show(p) for p in reversed(parts))
 
 
+def shows_staged(store: Store, txn: lmdb.Transaction, ino: int, sid: int) -> bool:
+    """Whether inode ino exists and shows staged version sid."""
+    node = find(store, txn, ino)
+    return node is not None and (node.content, node.content_id) == (STAGED, sid)
+
+
 def describe(store: Store, txn: lmdb.Transaction, ino: int) -> str:
     """A path for messages: the inode's path, or 'inode N' when it has none any more."""
     try:

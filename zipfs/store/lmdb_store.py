@@ -217,7 +217,8 @@ class Store:
         """StoreError when a B-tree of the store is damaged (see datafile.check_tree): checked at
         every open (branch pages), and all of it before the commands that walk every record."""
         data = self.path / "lmdb" / "data.mdb"
-        for _ in range(20):  # a snapshot that two commits have not yet passed
+        for _ in range(20):  # a snapshot two commits have not yet passed; a store in such heavy use
+            # that every try is overtaken is opened unchecked rather than refused
             with self.env.begin() as txn:
                 if datafile.check_tree(data, txn.id(), leaves):
                     return
