@@ -335,7 +335,7 @@ def _whole(lo: int, hi: int, what: str) -> Callable[[str], int]:
     return parse
 
 
-_count = _whole(1, 4096, "a number of threads (1 or more)")
+_count = _whole(1, 4096, "a number of threads (1 to 4096)")
 _level = _whole(1, 22, "a zstd level (1 to 22)")
 
 
