@@ -392,8 +392,10 @@ class Operations(pyfuse3.Operations):
             self.pins.unpin(ino)
             raise
         other = self.live.get(ino)
-        if other is not None and other is not lf and other.content_key == (node.content, node.content_id):
-            self.pins.unpin(ino)  # another request loaded the same meanwhile
+        same = other is not None and (not self.sees_other_writers  # the writable mount's is the truth
+                                      or other.content_key == (node.content, node.content_id))
+        if other is not None and other is not lf and same:
+            self.pins.unpin(ino)  # another request loaded it meanwhile
             if version is not None:
                 version.let_go()
             return other
