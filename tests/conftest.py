@@ -30,6 +30,12 @@ def models() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def gguf_file() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (Q4_1, Q8_0 and F32 tensors)."""
+    return next(fetch_models.fetch(["smollm2-gguf"])["smollm2-gguf"].glob("*.gguf"))
+
+
+@pytest.fixture(scope="session")
 def bf16_pair(models: dict[str, Path]) -> dict[str, Path]:
     return fetch_models.bf16_pair(models)
 

@@ -7,6 +7,9 @@ delta needs, which the caller passes in:
     width x (u8 method | u32 stored_len)
     plane data, in plane order
 
+Version 2 holds quantized blocks split into their fields (zipfs/codec/blocks.py): the width
+byte counts the planes and the reserved byte names the block layout (ggml's type number).
+
 flags: XOR (payload holds raw ^ base, as BitX does), SUB (payload holds the zigzag-coded integer
 difference raw - base per element, modulo 2**bits: a small change of a float is a small integer
 difference, where XOR can flip a long run of bits across a carry), ROTL1 (each element rotated left
@@ -24,10 +27,11 @@ import numpy as np
 import xxhash
 import zstandard
 
-from zipfs.codec import _planes
+from zipfs.codec import _planes, blocks
 from zipfs.errors import CorruptChunkError
 
 VERSION = 1
+VERSION_BLOCKS = 2
 FLAG_XOR = 1
 FLAG_ROTL1 = 2
 FLAG_SUB = 4
@@ -36,8 +40,12 @@ NONE, XOR, SUB = 0, FLAG_XOR, FLAG_SUB
 RAW, ZSTD, CONST = 0, 1, 2
 METHOD_NAMES = {RAW: "raw", ZSTD: "zstd", CONST: "const"}
 
-#: a plane is stored raw unless zstd makes it smaller than this fraction of its size
+#: a tensor plane is stored raw unless zstd makes it smaller than this fraction of its size (raw
+#: planes decode at memory speed; a mantissa plane zstd gets to 0.97 is not worth decoding). Other
+#: bytes are stored raw only when zstd does not make them smaller, so that a file is never stored
+#: larger than `zstd -3` of it.
 RAW_THRESHOLD = 0.95
+#: the one default compression level, for every path (CLI ingest, background ingest of the mount)
 DEFAULT_LEVEL = 3
 
 _HEAD = struct.Struct("<BBBBI")
@@ -73,9 +81,16 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 def _zstd_plane(p: np.ndarray, level: int, entropy_first: bool) -> bytes:
     """Smallest zstd frame for a plane: entropy-only coding first for tensor planes, with LZ
-    (at `level`) tried as well when the plane is very compressible."""
+    (at `level`) tried as well when the plane is very compressible; for other bytes LZ first,
+    and entropy-only as well when LZ barely compresses them (noise-like bytes such as quantized
+    weights stored opaque, where matches cost more than they save)."""
     if not entropy_first:
-        return _compressor(level).compress(p.data)
+        lz = _compressor(level).compress(p.data)
+        if len(lz) > LZ_WORTH_TRYING * len(p):
+            body = _compressor(ENTROPY).compress(p.data)
+            if len(body) < len(lz):
+                return body
+        return lz
     body = _compressor(ENTROPY).compress(p.data)
     if len(body) < LZ_WORTH_TRYING * len(p):
         lz = _compressor(level).compress(p.data)
@@ -97,38 +112,55 @@ class Encoded:
         return all(m == CONST for m in self.methods)
 
 
+def _code_planes(planes: list[np.ndarray], level: int, entropy_first: bool) -> tuple[list[bytes], list[int]]:
+    """Each plane as the smallest of const, zstd and raw: (plane headers + bodies, methods)."""
+    keep = RAW_THRESHOLD if entropy_first else 1.0
+    heads, bodies, methods = [], [], []
+    for p in planes:
+        if len(p) and p.min() == p.max():
+            method, body = CONST, p[:1].tobytes()
+        else:
+            body = _zstd_plane(p, level, entropy_first) if len(p) else b""
+            method = ZSTD
+            if len(body) >= keep * len(p):
+                method, body = RAW, p.tobytes()
+        heads.append(_PLANE.pack(method, len(body)))
+        bodies.append(body)
+        methods.append(method)
+    return heads + bodies, methods
+
+
 def encode(raw: bytes | memoryview, width: int = 1, exp8: bool = False,
            base: bytes | memoryview | None = None, delta: int = NONE,
-           level: int = DEFAULT_LEVEL) -> Encoded:
+           level: int = DEFAULT_LEVEL, layout: blocks.Layout | None = None) -> Encoded:
     """Encode raw bytes of elements `width` bytes wide; against `base` with `delta` (XOR or SUB).
 
     With a delta the exponent rotation is skipped: the high bytes of a delta are already mostly
-    zero, and rotating moves noise from the sign bit into them.
+    zero, and rotating moves noise from the sign bit into them. With a block layout (whole
+    quantized blocks) the planes are the blocks' fields; its deltas are XOR only.
     """
     n = len(raw)
     if (base is None) != (delta == NONE) or delta not in (NONE, XOR, SUB):
         raise ValueError("a base chunk goes with a delta transform (XOR or SUB), and only then")
     if base is not None and len(base) != n:
         raise ValueError(f"base chunk is {len(base)} bytes, chunk is {n}")
+    if layout is not None and n and n % layout.block_bytes == 0:
+        if delta == SUB:
+            raise ValueError("quantized blocks take XOR deltas, not SUB")
+        x = np.frombuffer(raw, dtype=np.uint8)
+        if base is not None:
+            x = x ^ np.frombuffer(base, dtype=np.uint8)
+        parts, methods = _code_planes(blocks.split(x, layout), level, entropy_first=True)
+        head = _HEAD.pack(VERSION_BLOCKS, delta, layout.planes, layout.id, n)
+        return Encoded(b"".join([head, *parts]), tuple(methods))
     if width not in (1, 2, 4, 8) or n % width:
         width, exp8 = 1, False
     rot = bool(exp8 and width > 1 and delta == NONE)
     flags = delta | (FLAG_ROTL1 if rot else 0)
     # one fused pass (zipfs/codec/_planes.c): delta, rotation and the split into byte planes
     planes = [np.frombuffer(p, dtype=np.uint8) for p in _planes.split(raw, width, rot, delta, base)]
-    heads, bodies, methods = [], [], []
-    for p in planes:
-        if len(p) and p.min() == p.max():
-            method, body = CONST, p[:1].tobytes()
-        else:
-            body = _zstd_plane(p, level, entropy_first=width > 1) if len(p) else b""
-            method = ZSTD
-            if len(body) >= RAW_THRESHOLD * len(p):
-                method, body = RAW, p.tobytes()
-        heads.append(_PLANE.pack(method, len(body)))
-        bodies.append(body)
-        methods.append(method)
-    payload = b"".join([_HEAD.pack(VERSION, flags, width, 0, n), *heads, *bodies])
+    parts, methods = _code_planes(planes, level, entropy_first=width > 1)
+    payload = b"".join([_HEAD.pack(VERSION, flags, width, 0, n), *parts])
     return Encoded(payload, tuple(methods))
 
 
@@ -151,8 +183,83 @@ def decode(payload: bytes | memoryview, base: bytes | memoryview | None = None,
     """
     if out is None:
         out = np.empty(decoded_size(payload), dtype=np.uint8)
+    if len(payload) and payload[0] == VERSION_BLOCKS:
+        _decode_blocks(payload, base, np.frombuffer(out, dtype=np.uint8))
+        return memoryview(out).toreadonly()
     try:
         _planes.decode(payload, base, out)
     except ValueError as e:
         raise CorruptChunkError(str(e)) from None
     return memoryview(out).toreadonly()
+
+
+def _decode_blocks(payload: bytes | memoryview, base: bytes | memoryview | None, out: np.ndarray) -> None:
+    """Version 2: planes of quantized block fields, decoded with zstandard (which releases the
+    GIL) and interleaved by numpy. Every length is checked against the layout before use."""
+    _, flags, nplanes, layout_id, n = _HEAD.unpack_from(payload, 0)
+    layout = blocks.LAYOUTS.get(layout_id)
+    if layout is None or nplanes != layout.planes or flags not in (NONE, XOR) or n % layout.block_bytes \
+            or n != len(out) or bool(flags) != (base is not None) or (base is not None and len(base) != n):
+        raise CorruptChunkError(f"block payload header is invalid (layout {layout_id}, {nplanes} planes, "
+                                f"{n} bytes)")
+    sizes = blocks.plane_sizes(layout, n)
+    at = _HEAD.size + nplanes * _PLANE.size
+    if len(payload) < at:
+        raise CorruptChunkError("chunk payload is truncated")
+    planes = []
+    for k, want in enumerate(sizes):
+        method, size = _PLANE.unpack_from(payload, _HEAD.size + k * _PLANE.size)
+        body = payload[at:at + size]
+        at += size
+        if len(body) != size:
+            raise CorruptChunkError("chunk payload is truncated")
+        if method == CONST and size == 1:
+            planes.append(np.full(want, body[0], dtype=np.uint8))
+        elif method == RAW and size == want:
+            planes.append(np.frombuffer(body, dtype=np.uint8))
+        elif method == ZSTD:
+            try:
+                got = _decompressor().decompress(body, max_output_size=want)
+            except zstandard.ZstdError as e:
+                raise CorruptChunkError(f"zstd plane does not decode: {e}") from None
+            if len(got) != want:
+                raise CorruptChunkError(f"zstd plane decodes to {len(got)} bytes, not {want}")
+            planes.append(np.frombuffer(got, dtype=np.uint8))
+        else:
+            raise CorruptChunkError(f"plane {k}: method {method} with {size} bytes is invalid")
+    if at != len(payload):
+        raise CorruptChunkError("chunk payload has trailing bytes")
+    blocks.join(planes, layout, out)
+    if base is not None:
+        np.bitwise_xor(out, np.frombuffer(base, dtype=np.uint8), out=out)
+
+
+def lone_frame(payload: bytes) -> bytes | None:
+    """The zstd frame of a payload that is nothing else (one plane, no transform), or None.
+
+    Stored bare (a chunk record kind says so), such a chunk costs exactly zstd's own size: a
+    small config file is not stored larger than `zstd -3` of it by our 13 header bytes."""
+    version, flags, width, _, _ = _HEAD.unpack_from(payload, 0)
+    if (version, flags, width) != (VERSION, 0, 1) or payload[_HEAD.size] != ZSTD:
+        return None
+    return payload[_HEAD.size + _PLANE.size:]
+
+
+def decode_frame(frame: bytes | memoryview, out: Any) -> memoryview:
+    """Decode a bare zstd frame (see lone_frame) into out, which it must fill exactly."""
+    view = memoryview(out).cast("B")
+    try:
+        got = _decompressor().decompress(frame, max_output_size=len(view))
+    except zstandard.ZstdError as e:
+        raise CorruptChunkError(f"zstd frame does not decode: {e}") from None
+    if len(got) != len(view):
+        raise CorruptChunkError(f"zstd frame decodes to {len(got)} bytes, not {len(view)}")
+    view[:] = got
+    return view.toreadonly()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = _local.__dict__.get("dctx")
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d

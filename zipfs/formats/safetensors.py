@@ -10,8 +10,11 @@ import itertools
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+from zipfs.codec.blocks import Layout
 from zipfs.errors import FormatError
 
 #: safetensors refuses headers above this size (100 MB); so do we.
@@ -29,6 +32,8 @@ class DType:
     #: an IEEE-style float with an 8-bit exponent right below the sign bit (BF16, F32): the codec
     #: rotates the sign to the bottom so the exponent fills one whole byte plane
     exp8: bool = False
+    #: quantized blocks (GGUF): width is the block size and the codec splits the block's fields
+    layout: Layout | None = None
 
 
 DTYPES: dict[str, DType] = {
@@ -195,8 +200,19 @@ class Segment:
     tensor: TensorInfo | None = None
 
 
-def segments(header: Header, file_size: int) -> list[Segment]:
-    """Cover [0, file_size) in order: the header, each tensor, and any gap as opaque bytes."""
+class Layouted(Protocol):
+    """What segments needs of a parsed header (safetensors or GGUF)."""
+
+    @property
+    def data_start(self) -> int: ...
+
+    @property
+    def tensors(self) -> Sequence[TensorInfo]: ...
+
+
+def segments(header: Layouted, file_size: int) -> list[Segment]:
+    """Cover [0, file_size) in order: the header, each tensor (sorted by offset, not
+    overlapping), and any gap as opaque bytes."""
     out = [Segment(0, header.data_start, OPAQUE)]
     pos = header.data_start
     for t in header.tensors:

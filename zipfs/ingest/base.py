@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zipfs.codec import chunk as codec
 from zipfs.codec import widen
 from zipfs.errors import CorruptChunkError, ZipfsError
 from zipfs.formats import safetensors as st
+from zipfs.ingest import encoding
 from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, open_regular, plan_file, read_prefix
 from zipfs.read.chunks import ChunkSource
 from zipfs.store import inodes
@@ -119,7 +119,7 @@ class LocalTensor:
 
 
 def local_tensors(files: list[tuple[Path, str]]) -> dict[str, LocalTensor]:
-    """Tensors of the safetensors files about to be ingested, by tensor name."""
+    """Tensors of the safetensors and GGUF files about to be ingested, by tensor name."""
     out: dict[str, LocalTensor] = {}
     for path, dest in files:
         fd = open_regular(path, path.lstat())  # links are not followed here either
@@ -133,6 +133,10 @@ def local_tensors(files: list[tuple[Path, str]]) -> dict[str, LocalTensor]:
                 out[seg.tensor.name] = LocalTensor(path, seg.tensor)
     return out
 
+
+#: file kinds whose tensors base detection pairs up, and the reason given when there are none
+TENSOR_KINDS = ("safetensors", "gguf")
+NO_TENSORS = "no safetensors or GGUF tensors"
 
 _CARD_BASE = re.compile(r"^base_model:\s*(.*)$", re.M)
 
@@ -174,7 +178,7 @@ def stored_index(store: Store, model: str) -> dict[str, BaseTensor]:
             if node.content != inodes.STORED:
                 continue
             rec = store.file(txn, node.content_id)
-            if rec.kind != "safetensors":
+            if rec.kind not in TENSOR_KINDS:
                 continue
             starts = rec.offsets.tolist()
             ids = rec.chunk_ids.tolist()
@@ -214,9 +218,8 @@ def _score(store: Store, source: ChunkSource, local: dict[str, LocalTensor],
         resolved = resolve_base(store, source, ref, len(raw))
         if resolved is None:
             continue
-        d = lt.info.dtype
-        plain = len(codec.encode(raw, d.width, d.exp8).payload)
-        delta = len(codec.encode(raw, d.width, d.exp8, base=resolved[1], delta=codec.SUB).payload)
+        plain = len(encoding.plain(raw, lt.info.dtype).payload)
+        delta = len(encoding.delta(raw, lt.info.dtype, resolved[1]).payload)
         plain_bytes += plain
         delta_bytes += min(delta, plain)
     return overlap, (delta_bytes / plain_bytes if plain_bytes else 1.0)
@@ -230,7 +233,7 @@ def choose_base(store: Store, model: str, files: list[tuple[Path, str]], root: P
         return BaseChoice(None, "deltas disabled (--no-delta)")
     local = local_tensors(files)
     if not local:
-        return BaseChoice(None, "no safetensors tensors")
+        return BaseChoice(None, NO_TENSORS)
     with store.read() as txn:
         models = models_mod.named(store, txn)
     models.pop(model, None)

@@ -29,9 +29,17 @@ import numpy as np
 from zipfs import faults
 from zipfs.codec import chunk as codec
 from zipfs.errors import ZipfsError
-from zipfs.formats.safetensors import Segment
+from zipfs.formats.safetensors import DType, Segment
+from zipfs.ingest import encoding
 from zipfs.ingest.base import BaseRef, resolve_base
-from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, open_regular, plan_file, pread_exact, read_prefix
+from zipfs.ingest.plan import (
+    DEFAULT_CHUNK,
+    open_regular,
+    plan_file,
+    pread_exact,
+    read_prefix,
+    segment_ranges,
+)
 from zipfs.read.chunks import ChunkSource
 from zipfs.store import inodes, journal
 from zipfs.store import records as rec
@@ -121,8 +129,9 @@ class Ingester:
 
     # ---- worker side ----
 
-    def _prepare(self, fd: int, s: int, e: int, width: int, exp8: bool, ref: BaseRef | None) -> _Prepared:
-        """Read and hash one chunk; if it is new, encode it (as a delta when that is smaller)."""
+    def _prepare(self, fd: int, s: int, e: int, dtype: DType, ref: BaseRef | None) -> _Prepared:
+        """Read and hash one chunk; if it is new, encode it (as a delta when that is smaller, as
+        its own bytes when coding would not make it smaller)."""
         data = pread_exact(fd, e - s, s)
         h = blake3.blake3(data).digest()
         with self.store.read() as txn:
@@ -132,16 +141,22 @@ class Ingester:
         resolved = resolve_base(self.store, self.source, ref, len(data)) if ref else None
         best, delta = None, codec.NONE
         if resolved is not None:
-            best = codec.encode(data, width, exp8, base=resolved[1], delta=codec.SUB, level=self.level)
-            delta = codec.SUB
+            best = encoding.delta(data, dtype, resolved[1], self.level)
+            delta = encoding.delta_mode(dtype)
         if best is None or len(best.payload) > DELTA_GOOD_ENOUGH * len(data):
-            plain = codec.encode(data, width, exp8, level=self.level)
+            plain = encoding.plain(data, dtype, self.level)
             if best is None or len(plain.payload) <= len(best.payload):
                 best, delta = plain, codec.NONE
         base = resolved[0] if delta else BaseRef(0)
-        record = ChunkRecord(codec.checksum(data), base.chunk_id, len(data), len(best.payload), 0,
-                             _chunk_kind(best, delta), base.off, base.xform, h)
-        return _Prepared(h, data, record=record, payload=best.payload)
+        kind, payload = _chunk_kind(best, delta), best.payload
+        frame = codec.lone_frame(payload) if not delta else None
+        if frame is not None:
+            kind, payload = rec.FRAME, frame
+        if len(payload) >= len(data):
+            kind, payload, base = rec.VERBATIM, data, BaseRef(0)
+        record = ChunkRecord(codec.checksum(data), base.chunk_id, len(data), len(payload), 0, kind,
+                             base.off, base.xform, h)
+        return _Prepared(h, data, record=record, payload=payload)
 
     # ---- writer side ----
 
@@ -245,11 +260,10 @@ class Ingester:
         try:
             for si, seg in enumerate(plan.segments):
                 refs = base_lookup(seg) if base_lookup and seg.tensor else None
-                for ci, (s, e) in enumerate(chunk_ranges(seg, self.chunk_size)):
+                for ci, (s, e) in enumerate(segment_ranges(fd, seg, self.chunk_size)):
                     ref = refs[ci] if refs and ci < len(refs) else None
                     offsets.append(s)
-                    window.append((si, e - s, self._pool.submit(self._prepare, fd, s, e, seg.dtype.width,
-                                                                seg.dtype.exp8, ref)))
+                    window.append((si, e - s, self._pool.submit(self._prepare, fd, s, e, seg.dtype, ref)))
                     if len(window) >= max_window:
                         drain_one()
             while window:

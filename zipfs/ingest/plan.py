@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from zipfs.errors import FormatError, ZipfsError
+from zipfs.formats import cdc, gguf
 from zipfs.formats import safetensors as st
 
 DEFAULT_CHUNK = 1 << 20
@@ -15,20 +17,26 @@ DEFAULT_CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class FilePlan:
-    kind: str  # "safetensors" or "opaque"
-    #: why a .safetensors file is stored opaque ("" otherwise)
+    kind: str  # "safetensors", "gguf" or "opaque"
+    #: why a .safetensors or .gguf file is stored opaque ("" otherwise)
     note: str
     segments: list[st.Segment]
 
 
 def plan_file(name: str, data: bytes | memoryview, size: int) -> FilePlan:
-    """Segments of a file: a valid safetensors file by tensor, anything else as opaque bytes.
+    """Segments of a file: a valid safetensors or GGUF file by tensor, anything else as opaque bytes.
 
-    Files named *.safetensors are parsed, and so is any file that starts like one (a length, then
-    '{'): validation is strict, so only real safetensors pass. Only the named ones get a note
-    saying why they were stored opaque.
+    Files named *.safetensors or *.gguf are parsed, and so is any file that starts like one (a
+    length, then '{'; the GGUF magic): validation is strict, so only real ones pass. Only the
+    named ones get a note saying why they were stored opaque. data: what read_prefix returned.
     """
     whole = [st.Segment(0, size, st.OPAQUE)] if size else []
+    if name.endswith(".gguf") or bytes(data[:4]) == gguf.MAGIC:
+        try:
+            return FilePlan("gguf", "", st.segments(gguf.parse(data, size), size))
+        except (FormatError, gguf.NeedMore) as e:
+            why = e if isinstance(e, FormatError) else "header is larger than what was read"
+            return FilePlan("opaque", f"not treated as GGUF: {why}" if name.endswith(".gguf") else "", whole)
     claimed = name.endswith(".safetensors")
     if not claimed and bytes(data[8:9]) != b"{":
         return FilePlan("opaque", "", whole)
@@ -50,6 +58,15 @@ def chunk_ranges(seg: st.Segment, chunk_size: int = DEFAULT_CHUNK) -> list[tuple
     return [(s, min(s + step, seg.end)) for s in range(seg.start, seg.end, step)]
 
 
+def segment_ranges(fd: int, seg: st.Segment, chunk_size: int = DEFAULT_CHUNK) -> Iterator[tuple[int, int]]:
+    """The chunks of a segment: a tensor in element-aligned fixed steps (chunk i of a tensor
+    covers the same elements in every model, which deltas rely on), other bytes at content-defined
+    boundaries (an insertion moves only the chunks around it)."""
+    if seg.tensor is not None:
+        return iter(chunk_ranges(seg, chunk_size))
+    return cdc.ranges(lambda off, n: pread_exact(fd, n, off), seg.start, seg.end)
+
+
 def pread_exact(fd: int, n: int, off: int) -> bytes:
     """n bytes at off; ZipfsError when the file is shorter (it shrank while being read)."""
     parts, got = [], 0
@@ -63,9 +80,21 @@ def pread_exact(fd: int, n: int, off: int) -> bytes:
 
 
 def read_prefix(fd: int, size: int) -> bytes:
-    """The bytes plan_file looks at: the 8-byte length and, when that is a plausible
-    safetensors header length, the header (so planning never reads the whole file)."""
+    """The bytes plan_file looks at, so planning never reads the whole file: a safetensors
+    header (the 8-byte length and, when plausible, the JSON), or a GGUF header (read in growing
+    pieces until it parses or is found invalid)."""
     first = pread_exact(fd, min(size, 9), 0)
+    if first[:4] == gguf.MAGIC:
+        buf = first + pread_exact(fd, min(size, 1 << 20) - len(first), len(first))
+        while True:
+            try:
+                gguf.parse(buf, size)
+                return buf
+            except FormatError:
+                return buf
+            except gguf.NeedMore as e:
+                want = min(size, max(e.need, 2 * len(buf)))
+                buf += pread_exact(fd, want - len(buf), len(buf))
     try:
         n = st.header_length(first[:8], size)
     except FormatError:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import lmdb
 
 from zipfs.errors import ZipfsError
-from zipfs.ingest.base import BaseChoice, choose_base, stored_index
+from zipfs.ingest.base import NO_TENSORS, TENSOR_KINDS, BaseChoice, choose_base, stored_index
 from zipfs.ingest.ingester import FileReport, Ingester
 from zipfs.store import inodes, journal, models
 from zipfs.store.records import FileRecord
@@ -43,7 +43,7 @@ def _base_for(ing: Ingester, model: inodes.Inode, model_path: str, sid: int, nam
     else:
         choice = choose_base(store, model_path, [(journal.staging_path(store, sid), name)], None,
                              chunk_size=ing.chunk_size)
-        if choice.reason == "no safetensors tensors":
+        if choice.reason == NO_TENSORS:
             return choice  # decide on the model's first tensor file, not on its config.json
     cache[model.ino] = choice
     return choice
@@ -88,7 +88,7 @@ def _record_model(ing: Ingester, ino: int, choice: BaseChoice, report: FileRepor
             return
         m = models.get(store, txn, ino)
         if m is None:
-            if report.kind != "safetensors":
+            if report.kind not in TENSOR_KINDS:
                 return
             base = inodes.resolve(store, txn, choice.name).ino if choice.name else 0
             m = models.Model(ino, base, choice.reason, choice.ratio, time.time())
