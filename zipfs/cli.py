@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from tqdm import tqdm
 
+from zipfs.codec.chunk import DEFAULT_LEVEL
 from zipfs.errors import ZipfsError
 from zipfs.ingest.ingester import FileReport, Ingester
 from zipfs.read import export as export_mod
@@ -353,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp.add_argument("--name", help="name in the store (default: the basename of PATH)")
     sp.add_argument("--workers", type=_count, default=None, help="encoding threads (default: cores)")
-    sp.add_argument("--level", type=_level, default=1, help="zstd level (default 1)")
+    sp.add_argument("--level", type=_level, default=DEFAULT_LEVEL,
+                    help=f"zstd level (default {DEFAULT_LEVEL}, as the mount)")
     sp.add_argument("--base", help="store deltas against this stored model (skip detection)")
     sp.add_argument("--no-delta", action="store_true", help="store standalone, no base model")
     sp.add_argument("-v", "--verbose", action="store_true", help="show base candidates and scores")

@@ -13,6 +13,7 @@ from zipfs.errors import CorruptChunkError
 from zipfs.read._slots import Pool, Slot
 from zipfs.read.cache import ChunkCache
 from zipfs.store.lmdb_store import Store
+from zipfs.store.records import FRAME, VERBATIM
 
 DEFAULT_CACHE = 256 << 20
 #: pooled buffer size: the ingest's chunk size. Larger chunks, and chunks under half a slot (they
@@ -82,7 +83,9 @@ class ChunkSource:
                 raise CorruptChunkError(f"chunk {chunk_id}: payload is {len(payload)} bytes, its record says "
                                         f"{rec.stored_len}")
             try:
-                data = codec.decode(payload, base, out)
+                data = (self._verbatim(payload, out) if rec.kind == VERBATIM
+                        else codec.decode_frame(payload, out) if rec.kind == FRAME
+                        else codec.decode(payload, base, out))
             except CorruptChunkError as e:
                 raise CorruptChunkError(f"chunk {chunk_id}: {e}") from None
         if codec.checksum(data) != rec.checksum:
@@ -94,6 +97,13 @@ class ChunkSource:
         # a base chunk is done with once its delta is decoded: another fine-tune may ask again
         self.cache.put(chunk_id, data, SLOT if slot is not None else None, cold=not allow_delta)
         return data
+
+    @staticmethod
+    def _verbatim(payload: memoryview, out: memoryview | np.ndarray) -> memoryview:
+        """A chunk stored as its own bytes (codec overhead would have made it larger)."""
+        view = memoryview(out).cast("B")
+        view[:] = payload
+        return view.toreadonly()
 
     def _slot(self, n: int) -> Slot | None:
         """A pooled buffer for n decoded bytes: memory the cache is done with is reused before

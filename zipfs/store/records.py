@@ -26,8 +26,10 @@ from zipfs.codec import widen
 from zipfs.errors import StoreError
 
 #: chunk kinds, for stats
-STANDALONE, CONST, DELTA_XOR, DELTA_SUB = 0, 1, 2, 3
-KIND_NAMES = {STANDALONE: "standalone", CONST: "const", DELTA_XOR: "delta-xor", DELTA_SUB: "delta-sub"}
+#: VERBATIM: the payload is the chunk's bytes; FRAME: one zstd frame of them (no codec header)
+STANDALONE, CONST, DELTA_XOR, DELTA_SUB, VERBATIM, FRAME = 0, 1, 2, 3, 4, 5
+KIND_NAMES = {STANDALONE: "standalone", CONST: "const", DELTA_XOR: "delta-xor", DELTA_SUB: "delta-sub",
+              VERBATIM: "verbatim", FRAME: "zstd-frame"}
 #: no chunk decodes to more than this (the ingest cuts 1 MiB chunks)
 MAX_CHUNK = 256 << 20
 
@@ -103,7 +105,8 @@ class ChunkRecord:
         delta = rec.kind in (DELTA_XOR, DELTA_SUB)
         if (rec.kind not in KIND_NAMES or rec.base_xform not in widen.FACTOR or delta != bool(rec.base)
                 or not 0 < rec.raw_len <= MAX_CHUNK or rec.stored_len == 0
-                or (not delta and (rec.base_off or rec.base_xform))):
+                or (not delta and (rec.base_off or rec.base_xform))
+                or (rec.kind == VERBATIM and rec.stored_len != rec.raw_len)):
             raise DamagedRecord("chunk record is malformed (kind, base or lengths out of range)")
         return rec
 

@@ -1,0 +1,119 @@
+"""Real files, every format: GGUF stored tensor-aware below zstd -3, an edited GGUF or a shifted
+opaque file costing only the chunks around the edit, no real file stored larger than zstd -3
+of it, tiny files at their own size, and the GGUF loaded by transformers through the mount."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zstandard
+
+import fetch_models
+from conftest import sha256
+from zipfs.fs.process import mounted
+from zipfs.ingest.ingester import Ingester
+from zipfs.ingest.model import ingest_model, ingest_one
+from zipfs.read.reader import Reader
+from zipfs.store.lmdb_store import Store
+
+#: what storing a file in ~1 MiB chunks may cost over one zstd -3 frame of the whole file: the
+#: chunk headers and the matches zstd would have found across chunk boundaries
+CHUNKING_SLACK = 0.001
+
+
+def stored_alone(path: Path, tmp: Path) -> int:
+    """Bytes a file takes in a fresh store of its own."""
+    with Store(tmp / "s") as store, Ingester(store) as ing:
+        return ingest_one(ing, path, path.name).new_bytes
+
+
+def zstd3(path: Path) -> int:
+    return len(zstandard.ZstdCompressor(level=3).compress(path.read_bytes()))
+
+
+def test_gguf_is_stored_below_zstd3_and_reads_back_exact(gguf_file, tmp_path, zipfs):
+    r = zipfs("ingest", str(gguf_file), "--name", "smol.gguf")
+    assert r.code == 0, r.err
+    assert "gguf" in r.out
+    with Store(tmp_path / "store") as store, store.read() as txn:
+        rec = store.file_at(txn, "smol.gguf")
+        assert rec.kind == "gguf" and len(rec.tensors) == 272
+    size = gguf_file.stat().st_size
+    ratio = rec.new_bytes / size
+    assert ratio <= 0.91, ratio
+    assert rec.new_bytes < zstd3(gguf_file)
+    with Store(tmp_path / "store") as store:
+        reader = Reader(store)
+        data = b"".join(reader.iter_file(reader.layout("smol.gguf")))
+    assert hashlib.sha256(data).hexdigest() == sha256(gguf_file)
+
+
+def test_edited_chat_template_adds_under_one_percent(gguf_file, tmp_path, zipfs):
+    edited = tmp_path / "edited.gguf"
+    template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" * 3
+    r = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(gguf_file), str(edited),
+                        "--chat-template", template, "--force"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert edited.stat().st_size != gguf_file.stat().st_size  # the header length changed
+    assert zipfs("ingest", str(gguf_file), "--name", "orig").code == 0
+    assert zipfs("ingest", str(edited), "--name", "edited").code == 0
+    with Store(tmp_path / "store") as store, store.read() as txn:
+        rec = store.file_at(txn, "edited")
+    assert rec.new_bytes < 0.01 * edited.stat().st_size, rec.new_bytes
+    assert "0 failed" in zipfs("verify").out
+
+
+def test_insertions_in_an_opaque_file_cost_about_two_chunks(gguf_file, tmp_path, zipfs):
+    """A .bin-style file no parser understands: a byte in front and bytes in the middle."""
+    data = gguf_file.read_bytes()
+    plain, shifted = tmp_path / "pytorch_model.bin", tmp_path / "edited.bin"
+    plain.write_bytes(b"\x80" + data)  # not GGUF any more: stored opaque
+    mid = len(data) // 2
+    shifted.write_bytes(b"\x80\x02" + data[:mid] + b"inserted by an edit" * 7 + data[mid:])
+    assert zipfs("ingest", str(plain), "--name", "a").code == 0
+    r = zipfs("ingest", str(shifted), "--name", "b")
+    assert r.code == 0 and "opaque" in r.out
+    with Store(tmp_path / "store") as store, store.read() as txn:
+        rec = store.file_at(txn, "b")
+    assert rec.new_bytes < 0.05 * shifted.stat().st_size, rec.new_bytes
+    assert "0 failed" in zipfs("verify").out
+
+
+def test_no_real_file_is_stored_larger_than_zstd3(models, bf16_pair, gguf_file, tmp_path):
+    files = [f for role in ("minilm", "gt-minilm", "sre") for f in sorted(models[role].rglob("*"))
+             if f.is_file()] + list(bf16_pair.values()) + [gguf_file]
+    worst = []
+    for i, f in enumerate(files):
+        stored, z = stored_alone(f, tmp_path / str(i)), zstd3(f)
+        assert stored <= z + CHUNKING_SLACK * f.stat().st_size, (f, stored, z)
+        if f.stat().st_size < 4096:  # tiny files: their own bytes, no codec or frame overhead
+            assert stored <= f.stat().st_size, (f, stored)
+        worst.append((stored / z, f.name))
+    assert len(files) > 20
+
+
+def test_transformers_loads_the_gguf_from_the_mount(gguf_file, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    with Store(store) as s, Ingester(s) as ing:
+        ingest_model(ing, gguf_file.parent, "smollm2")
+
+    def logits(directory: Path) -> torch.Tensor:
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file.name).eval()
+        with torch.no_grad():
+            return model(**tok("zipfs serves GGUF files", return_tensors="pt")).logits
+
+    expected = logits(gguf_file.parent)
+    with mounted(store, mnt):
+        got = mnt / "smollm2" / gguf_file.name
+        assert sha256(got) == sha256(gguf_file)
+        out = subprocess.run(["cat", str(got)], capture_output=True, check=True).stdout
+        assert hashlib.sha256(out).hexdigest() == sha256(gguf_file)
+        assert torch.equal(logits(mnt / "smollm2"), expected)
+    assert fetch_models.cache_dir() != tmp_path
