@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -63,6 +64,44 @@ def test_malformed_safetensors_are_stored_opaque_and_exact(models, tmp_path, zip
     assert zipfs("export", "bad", str(out)).code == 0
     for case in cases:
         assert sha256(out / f"{case}.safetensors") == sha256(src / f"{case}.safetensors")
+    assert zipfs("verify").code == 0
+
+
+def _damaged_gguf(real: bytes, header_end: int) -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, expected reason) from the real GGUF: truncated, counts, types, offsets."""
+    def patched(at: int, fmt: str, value: int) -> bytes:
+        b = bytearray(real)
+        struct.pack_into(fmt, b, at, value)
+        return bytes(b)
+    last_type = header_end - 12  # the last tensor info ends with its u32 type and u64 offset
+    return {
+        "truncated-header": (real[:header_end // 2], "past the end|cannot fit"),
+        "truncated-data": (real[:len(real) - 4096], "past the end"),
+        "version-1": (patched(4, "<I", 1), "version 1"),
+        "tensor-count": (patched(8, "<Q", 1 << 50), "cannot fit"),
+        "unknown-type": (patched(last_type, "<I", 77), "unknown tensor type"),
+        "misaligned": (patched(last_type + 4, "<Q", struct.unpack_from("<Q", real, last_type + 4)[0] + 1),
+                       "alignment"),
+    }
+
+
+def test_malformed_gguf_is_stored_opaque_and_exact(gguf_file, tmp_path, zipfs):
+    from zipfs.formats import gguf
+    real = gguf_file.read_bytes()
+    cases = _damaged_gguf(real, gguf.parse(real[:4 << 20], len(real)).header_end)
+    src = tmp_path / "badgguf"
+    src.mkdir()
+    for case, (blob, _) in cases.items():
+        (src / f"{case}.gguf").write_bytes(blob)
+    r = zipfs("ingest", str(src), "--name", "bad")
+    assert r.code == 0, r.err
+    for case, (_, reason) in cases.items():
+        line = r.out.split(f"bad/{case}.gguf:")[1]
+        assert "opaque" in line.splitlines()[0] and re.search(reason, line.split("\n")[1]), (case, line)
+    out = tmp_path / "out"
+    assert zipfs("export", "bad", str(out)).code == 0
+    for case in cases:
+        assert sha256(out / f"{case}.gguf") == sha256(src / f"{case}.gguf")
     assert zipfs("verify").code == 0
 
 

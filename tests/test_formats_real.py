@@ -117,3 +117,24 @@ def test_transformers_loads_the_gguf_from_the_mount(gguf_file, tmp_path):
         assert hashlib.sha256(out).hexdigest() == sha256(gguf_file)
         assert torch.equal(logits(mnt / "smollm2"), expected)
     assert fetch_models.cache_dir() != tmp_path
+
+
+def test_a_gguf_changed_in_a_few_blocks_is_stored_as_xor_deltas(gguf_file, tmp_path, zipfs):
+    """Same quantization, a few blocks of every quantized tensor changed (as a light fine-tune
+    moves some scales): the stored file is found as the base and the tensors code as deltas."""
+    from zipfs.formats import gguf
+    data = bytearray(gguf_file.read_bytes())
+    for t in gguf.parse(bytes(data[:4 << 20]), len(data)).tensors:
+        if t.dtype.layout is not None:
+            for at in range(t.start, t.end, t.dtype.layout.block_bytes * 97):
+                data[at] ^= 1  # the low byte of the block's f16 scale: one ulp
+    changed = tmp_path / "tuned.gguf"
+    changed.write_bytes(bytes(data))
+    assert zipfs("ingest", str(gguf_file), "--name", "orig").code == 0
+    r = zipfs("ingest", str(changed), "--name", "tuned")
+    assert r.code == 0 and "base: orig" in r.out, r.out
+    with Store(tmp_path / "store") as store, store.read() as txn:
+        rec = store.file_at(txn, "tuned")
+        deltas = sum(store.chunk(txn, int(c)).base != 0 for c in rec.chunk_ids)
+    assert deltas > 50 and rec.new_bytes < 0.05 * len(data), (deltas, rec.new_bytes)
+    assert "0 failed" in zipfs("verify").out
