@@ -172,7 +172,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         workers=args.workers or os.cpu_count() or 1, allow_other=args.allow_other,
         log_level=args.log_level, log_file=args.log_file, readahead_kb=args.readahead_kb,
         staging_limit=parse_size(args.staging_limit),
-        ingest_workers=args.ingest_workers or MountOptions.ingest_workers, read_only=args.read_only)
+        ingest_workers=args.ingest_workers or MountOptions.ingest_workers, read_only=args.read_only,
+        nonempty=args.nonempty)
     return mount(opts)
 
 
@@ -408,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse writes (also what a second mount of a store gets)")
     sp.add_argument("--ingest-workers", type=_count, default=None,
                     help="encoding threads of background ingest (default: half the cores)")
+    sp.add_argument("--nonempty", action="store_true",
+                    help="mount over a directory that has entries (hidden while mounted)")
 
     sp = add("sync", cmd_sync, "show a mount's ingest backlog; --wait until it is drained")
     sp.add_argument("mountpoint")
@@ -441,6 +444,8 @@ def fstab_argv(argv: list[str]) -> list[str]:
             out.append("--foreground")
         elif key == "ro":
             out.append("--read-only")
+        elif key == "nonempty":
+            out.append("--nonempty")
     return out
 
 
