@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+#: the cache directory's folder of lock files, one folder per repo named like the repo folder
+LOCKS = ".locks"
 #: repo types other than models, as the plural that starts their folder names and hub URLs
 _OTHER_TYPES = ("datasets", "spaces", "kernels")
 #: a repo folder of the cache: repo type (plural) and the id with '/' written as '--'
@@ -34,11 +36,18 @@ def folder(rid: str) -> str:
     return "--".join([kind, *parts])
 
 
+def repo_of(path: str) -> str | None:
+    """The hub id of the directory at path when it is a repo folder: named like one, and not the
+    per-repo folder of lock files in the cache's .locks ('.locks/models--org--name')."""
+    parent, _, last = path.rstrip("/").rpartition("/")
+    return None if parent.rpartition("/")[2] == LOCKS else repo_id(last)
+
+
 def display(path: str) -> str:
     """How a store path is shown as a model name: a repo folder by its hub id (with the cache
     directory it is in, when that is not the store root), anything else as itself."""
-    parent, _, last = path.rpartition("/")
-    rid = repo_id(last)
+    rid = repo_of(path)
     if rid is None:
         return path
+    parent = path.rstrip("/").rpartition("/")[0]
     return f"{rid} ({parent}/)" if parent else rid

@@ -70,10 +70,12 @@ def home(store: Store, txn: lmdb.Transaction, node: inodes.Inode) -> inodes.Inod
     while d is not None and d.ino != inodes.ROOT and d.ino not in seen:  # a loop is damage: stop
         if get(store, txn, d.ino) is not None:
             return d
-        if repo is None and hub.repo_id(names.show(d.name)) is not None:
-            repo = d
         seen.add(d.ino)
-        d = inodes.find(store, txn, d.parent)
+        up = inodes.find(store, txn, d.parent)
+        up_name = up.name if up is not None and up.ino != inodes.ROOT else b""
+        if repo is None and hub.repo_of(names.show(up_name + b"/" + d.name)) is not None:
+            repo = d
+        d = up
     return repo or parent
 
 
