@@ -207,6 +207,27 @@ def test_background_mount_fstab_syntax_and_umount(family_store, tmp_path):
     assert r.returncode == 1 and "no zipfs store" in r.stderr
 
 
+def test_a_non_empty_mount_point_is_refused_unless_nonempty(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / ".hidden").write_text("mine")
+    for fg in ([], ["--foreground"]):
+        r = subprocess.run(zipfs_cmd(tmp_path / "store", "mount", str(m), *fg), env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert "is not empty" in r.stderr and "--nonempty" in r.stderr
+        assert not os.path.ismount(m) and os.listdir(m) == [".hidden"]
+    try:
+        r = subprocess.run(zipfs_cmd(tmp_path / "store", "mount", str(m), "--nonempty"), env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert os.path.ismount(m) and os.listdir(m) == []  # a new, empty store over the hidden file
+    finally:
+        unmount(m)
+    assert (m / ".hidden").read_text() == "mine"
+
+
 def test_systemd_notify_ready(family_store, tmp_path):
     """Under systemd (Type=notify) the mount sends READY=1 once it is live."""
     import socket

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
+import fetch_models
 from conftest import sha256
 from zipfs.fs.process import mounted, zipfs_cmd
 from zipfs.ingest.ingester import Ingester
@@ -68,6 +70,36 @@ def test_cp_r_of_a_fine_tune_is_ingested_with_deltas_like_zipfs_ingest(models, z
     stats = json.loads(zipfs("stats", "--json").out)
     assert stats["models"]["sre"]["base"] == "minilm" and stats["staged_files"] == 0
     assert zipfs("verify").code == 0 and zipfs("fsck").code == 0
+
+
+def test_models_copied_into_the_mount_are_listed_by_stats_and_du(models, zipfs, store_path, tmp_path):
+    """A directory copied in is a model, as `zipfs ingest DIR --name me/ft` makes one: its first
+    weights file (safetensors, GGUF, or a format stored as opaque bytes such as .npz) registers
+    it, what is later written under it stays part of it, the folder above it is not a model."""
+    gguf = fetch_models.fetch(["smollm2-gguf"])["smollm2-gguf"]
+    npz = tmp_path / "npz"  # real weights in a format zipfs does not parse
+    npz.mkdir()
+    np.savez(npz / "weights.npz", **load_file(models["minilm"] / "model.safetensors"))
+    onnx = (models["minilm"] / "tokenizer.json").read_bytes()  # stands in for an onnx/ export
+    m = tmp_path / "m"
+    with mounted(store_path, m):
+        (m / "me").mkdir()
+        for src, dest in ((models["minilm"], "me/ft"), (gguf, "me/q4"), (npz, "me/np")):
+            subprocess.run(["cp", "-r", str(src), str(m / dest)], check=True)
+        sync(store_path, m)
+        (m / "me/ft/onnx").mkdir()
+        (m / "me/ft/onnx/model.onnx").write_bytes(onnx)
+        sync(store_path, m)
+    stats = json.loads(zipfs("stats", "--json").out)["models"]
+    du = {u["name"]: u for u in json.loads(zipfs("du", "--json").out)}
+    assert set(stats) == set(du) == {"me/ft", "me/q4", "me/np"}
+    for name, src, extra in (("me/ft", models["minilm"], [len(onnx)]), ("me/q4", gguf, []),
+                             ("me/np", npz, [])):
+        sizes = [f.stat().st_size for f in src.rglob("*") if f.is_file()] + extra
+        assert stats[name]["size"] == du[name]["logical"] == sum(sizes), name
+        assert du[name]["files"] == len(sizes)
+        assert 0 < stats[name]["new_bytes"] < sum(sizes) and 0 < du[name]["shared_stored"] < sum(sizes)
+    assert "me/q4" in zipfs("stats").out and "me/q4" in zipfs("du").out
 
 
 def test_save_pretrained_downloads_and_symlinks(models, zipfs, store_path, tmp_path):

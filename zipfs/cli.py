@@ -11,14 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+import lmdb
 from tqdm import tqdm
 
 from zipfs.codec.chunk import DEFAULT_LEVEL
-from zipfs.errors import ZipfsError
+from zipfs.errors import NotFoundError, ZipfsError
 from zipfs.ingest.ingester import FileReport, Ingester
 from zipfs.read import export as export_mod
 from zipfs.read.reader import Reader
-from zipfs.store import names
+from zipfs.store import hub, names
 from zipfs.store import stats as stats_mod
 from zipfs.store.lmdb_store import Store, default_store_path
 
@@ -51,26 +52,52 @@ def _file_line(r: FileReport) -> str:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from zipfs.ingest.model import ingest_model, plan_sources
+    from zipfs.ingest.hubcache import units
+    from zipfs.ingest.model import ingest_entries, ingest_model, plan_sources
 
     if args.name and len(args.paths) > 1:
         raise ZipfsError("--name takes one PATH")
-    total = sum(s.st.st_size for p in args.paths for s in plan_sources(Path(p), args.name)[1]
+    todo = [u for p in args.paths for u in units(Path(p), args.name)]
+    total = sum(s.st.st_size for u in todo for s in plan_sources(u.path, u.name, follow=u.is_model)[1]
                 if s.kind == "file")
     bar = _progress_bar(total)
     say = bar.write if bar else print
     with _open(args, create=True) as store, store.ingest_lock(), Ingester(
         store, workers=args.workers, level=args.level, progress=bar.update if bar else None
     ) as ing:
-        for p in args.paths:
-            m = ingest_model(ing, Path(p), args.name, base=args.base, no_delta=args.no_delta,
-                             log=say if args.verbose else lambda _: None,
-                             on_file=lambda r: say(_file_line(r)), note=lambda n: say(f"note: {n}"))
-            say(f"{m.name}: {human(m.size)} stored in {human(m.new_bytes)} new bytes "
-                f"({m.new_bytes / max(m.size, 1):.3f}); base: {m.base.name or '(none)'} ({m.base.reason})")
+        def on_file(r: FileReport) -> None:
+            say(_file_line(r))
+
+        def note(n: str) -> None:
+            say(f"note: {n}")
+
+        for u in todo:
+            if not u.is_model:
+                ingest_entries(ing, u.path, u.name, on_file=on_file, note=note)
+                continue
+            m = ingest_model(ing, u.path, u.name, base=args.base, no_delta=args.no_delta,
+                             log=say if args.verbose else lambda _: None, on_file=on_file, note=note)
+            base = hub.display(m.base.name) if m.base.name else "(none)"
+            say(f"{hub.display(m.name)}: {human(m.size)} stored in {human(m.new_bytes)} new bytes "
+                f"({m.new_bytes / max(m.size, 1):.3f}); base: {base} ({m.base.reason})")
     if bar:
         bar.close()
     return 0
+
+
+def _path_or_repo(store: Store, txn: lmdb.Transaction, path: str) -> str:
+    """path, or the hub repo folder it names as a hub id ('org/name' -> 'models--org--name')."""
+    from zipfs.store import inodes
+
+    try:
+        inodes.resolve(store, txn, path)
+        return path
+    except NotFoundError as e:
+        try:
+            inodes.resolve(store, txn, hub.folder(path))
+        except ZipfsError:
+            raise e from None
+        return hub.folder(path)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -81,11 +108,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     with store, store.read() as txn:
         rows = []
         staged = journal.records(store, txn)
-        for path, node in inodes.walk(store, txn, args.path,
-                                      on_damage=lambda p, e: damaged.append(f"{p}: {e}")):
+        top = _path_or_repo(store, txn, args.path)
+        for path, node in inodes.walk(store, txn, top, on_damage=lambda p, e: damaged.append(f"{p}: {e}")):
             mode = stat.filemode(node.mode)
             if node.is_dir:
-                rows.append((path + "/", "", "", mode))
+                shown = hub.display(path)
+                rows.append((path + "/", "", "", mode if shown == path else f"{mode} hub repo {shown}"))
             elif node.is_link:
                 rows.append((f"{path} -> {os.fsdecode(node.target)}", "", "", mode))
             elif not node.is_reg:
@@ -173,7 +201,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         workers=args.workers or os.cpu_count() or 1, allow_other=args.allow_other,
         log_level=args.log_level, log_file=args.log_file, readahead_kb=args.readahead_kb,
         staging_limit=parse_size(args.staging_limit),
-        ingest_workers=args.ingest_workers or MountOptions.ingest_workers, read_only=args.read_only)
+        ingest_workers=args.ingest_workers or MountOptions.ingest_workers, read_only=args.read_only,
+        nonempty=args.nonempty)
     return mount(opts)
 
 
@@ -245,9 +274,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
               f"{human(d['stored_bytes']):>10}")
     if s.models:
         print(f"models (as ingested)\n  {'model':<36} {'base':<28} {'size':>10} {'added':>10} ratio")
-        for name, m in sorted(s.models.items()):
+        for m in sorted(s.models.values(), key=lambda m: m["display_name"]):
             size, new = m["size"] or 0, m["new_bytes"] or 0
-            print(f"  {name:<36} {m['base'] or '-':<28} {human(size):>10} {human(new):>10} "
+            base = hub.display(m["base"]) if m["base"] else "-"
+            print(f"  {m['display_name']:<36} {base:<28} {human(size):>10} {human(new):>10} "
                   f"{new / max(size, 1):.3f}")
     return 0
 
@@ -311,7 +341,7 @@ def cmd_du(args: argparse.Namespace) -> int:
         return 0
     print(f"{'model':<40} {'files':>5} {'logical':>10} {'stored':>10} {'rm frees':>10}")
     for u in rows:
-        print(f"{u.name:<40} {u.files:>5} {human(u.logical):>10} {human(u.shared_stored):>10} "
+        print(f"{u.display_name:<40} {u.files:>5} {human(u.logical):>10} {human(u.shared_stored):>10} "
               f"{human(u.freed_by_rm):>10}")
     return 0
 
@@ -410,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse writes (also what a second mount of a store gets)")
     sp.add_argument("--ingest-workers", type=_count, default=None,
                     help="encoding threads of background ingest (default: half the cores)")
+    sp.add_argument("--nonempty", action="store_true",
+                    help="mount over a directory that has entries (hidden while mounted)")
 
     sp = add("sync", cmd_sync, "show a mount's ingest backlog; --wait until it is drained")
     sp.add_argument("mountpoint")
@@ -443,6 +475,8 @@ def fstab_argv(argv: list[str]) -> list[str]:
             out.append("--foreground")
         elif key == "ro":
             out.append("--read-only")
+        elif key == "nonempty":
+            out.append("--nonempty")
     return out
 
 

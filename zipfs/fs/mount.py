@@ -53,6 +53,8 @@ class MountOptions:
     staging_limit: int = 16 << 30
     ingest_workers: int = max(1, (os.cpu_count() or 1) // 2)
     read_only: bool = False
+    #: mount over a directory that has entries (they are hidden while mounted)
+    nonempty: bool = False
 
 
 def sd_notify(message: str) -> None:
@@ -67,11 +69,22 @@ def sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
-def check_mountpoint(mnt: Path) -> None:
+def check_mountpoint(mnt: Path, nonempty: bool = False) -> None:
+    """Refuse a mount point that is not a directory, is mounted already, or (unless nonempty) has
+    entries: a mount over them would hide them without a word."""
     if not mnt.is_dir():
         raise ZipfsError(f"mount point {mnt} is not a directory")
     if os.path.ismount(mnt):
         raise ZipfsError(f"{mnt} is already a mount point (zipfs umount {mnt})")
+    if not nonempty:
+        try:
+            with os.scandir(mnt) as entries:
+                has_entries = next(entries, None) is not None
+        except OSError as e:
+            raise ZipfsError(f"cannot read mount point {mnt}: {e.strerror}") from None
+        if has_entries:
+            raise ZipfsError(f"mount point {mnt} is not empty: the mount would hide what is in it "
+                             "(--nonempty mounts over it anyway)")
 
 
 def _device_of(mnt: Path) -> str:
@@ -153,7 +166,7 @@ def serve(opts: MountOptions, ready: Callable[[str], None] = lambda _: None) -> 
 
 
 def _serve_store(opts: MountOptions, ready: Callable[[str], None]) -> None:
-    check_mountpoint(opts.mountpoint)
+    check_mountpoint(opts.mountpoint, opts.nonempty)
     store = Store(opts.store, create=not opts.read_only)
     with ExitStack() as stack:
         stack.callback(store.close)
@@ -209,7 +222,7 @@ def _run(ops: Operations, opts: MountOptions, ready: Callable[[str], None]) -> N
 
 def mount(opts: MountOptions) -> int:
     """Mount in the foreground, or fork a daemon and return once its mount is live."""
-    check_mountpoint(opts.mountpoint)
+    check_mountpoint(opts.mountpoint, opts.nonempty)
     if opts.foreground:
         serve(opts)
         return 0

@@ -22,10 +22,10 @@ from pathlib import Path
 from zipfs.codec import widen
 from zipfs.errors import CorruptChunkError, ZipfsError
 from zipfs.formats import safetensors as st
-from zipfs.ingest import encoding
+from zipfs.ingest import encoding, hubcache
 from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, open_regular, plan_file, read_prefix
 from zipfs.read.chunks import ChunkSource
-from zipfs.store import inodes
+from zipfs.store import hub, inodes
 from zipfs.store import models as models_mod
 from zipfs.store.lmdb_store import Store
 
@@ -141,20 +141,32 @@ NO_TENSORS = "no safetensors or GGUF tensors"
 _CARD_BASE = re.compile(r"^base_model:\s*(.*)$", re.M)
 
 
+def _read_inside(root: Path, path: Path) -> str:
+    """The text of path, following links only where they stay inside root ('' otherwise): a hub
+    snapshot's files are links to its blobs."""
+    try:
+        top, real = str(root.resolve()), path.resolve(strict=True)
+        return real.read_text(errors="replace") if os.path.commonpath([top, real]) == top else ""
+    except (OSError, RuntimeError):
+        return ""
+
+
 def metadata_hints(root: Path) -> list[str]:
-    """Base model names a model directory declares about itself."""
+    """Base model names a model directory declares about itself (a hub repo folder: its snapshots)."""
+    dirs = [root, *(hubcache.snapshot_dirs(root) if hub.repo_of(str(root.resolve())) else [])]
+    return [h for d in dirs for h in _declared(root, d)]
+
+
+def _declared(root: Path, d: Path) -> list[str]:
     hints: list[str] = []
     for fname, key in (("config.json", "_name_or_path"), ("adapter_config.json", "base_model_name_or_path")):
         try:
-            value = json.loads((root / fname).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
+            value = json.loads(_read_inside(root, d / fname)).get(key)
+        except (ValueError, AttributeError):
             continue
         if isinstance(value, str) and value:
             hints.append(value)
-    try:
-        card = (root / "README.md").read_text(errors="replace")
-    except OSError:
-        card = ""
+    card = _read_inside(root, d / "README.md")
     if card.startswith("---"):
         front = card.split("---", 2)[1] if card.count("---") >= 2 else ""
         m = _CARD_BASE.search(front)
@@ -166,8 +178,10 @@ def metadata_hints(root: Path) -> list[str]:
 
 
 def _hint_matches(hint: str, model: str) -> bool:
-    """'org/Name' matches a stored 'Name' or 'other/name': hub ids vs local names."""
-    return hint.strip("/").rsplit("/", 1)[-1].lower() == model.strip("/").rsplit("/", 1)[-1].lower()
+    """'org/Name' matches a stored 'Name' or 'other/name': hub ids vs local names; a hub repo
+    folder 'models--org--Name' by its id."""
+    name = hub.repo_of(model) or model
+    return hint.strip("/").rsplit("/", 1)[-1].lower() == name.strip("/").rsplit("/", 1)[-1].lower()
 
 
 def stored_index(store: Store, model: str) -> dict[str, BaseTensor]:
@@ -238,6 +252,7 @@ def choose_base(store: Store, model: str, files: list[tuple[Path, str]], root: P
         models = models_mod.named(store, txn)
     models.pop(model, None)
     if forced is not None:
+        forced = next((m for m in models if forced in (m, hub.display(m))), forced)  # a path or hub id
         if forced not in models:
             raise ZipfsError(f"--base {forced}: no such model in the store")
         groups = [("--base", [forced])]

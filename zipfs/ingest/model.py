@@ -91,21 +91,31 @@ def _inside(root: Path, link: Path) -> bool:
     return os.path.commonpath([os.path.abspath(root), os.path.abspath(target)]) == os.path.abspath(root)
 
 
-def plan_sources(src: Path, name: str | None,
-                 note: Callable[[str], None] = lambda _: None) -> tuple[str, list[Source]]:
-    """The model name and each thing to store from src (a file, or a directory's tree)."""
+def plan_sources(src: Path, name: str | None, note: Callable[[str], None] = lambda _: None,
+                 follow: bool = True) -> tuple[str, list[Source]]:
+    """The model name and each thing to store from src (a file, or a directory's tree).
+
+    The path the user named is followed; nothing under it is. With follow False (src is an entry
+    of a tree being stored, not a path the user named) a link is stored as a link and a FIFO,
+    socket or device skipped with a note, as under a directory.
+    """
     try:
-        top = src.stat()  # the path the user named is followed; nothing under it is
+        top = src.stat() if follow else src.lstat()
     except OSError as e:
         raise ZipfsError(f"{src}: {e.strerror.lower() if e.strerror else e}") from None
     model = names.normalize(name or src.resolve().name)
     if not model:
         raise ZipfsError("the store root cannot be a model name; pass --name")
+    if stat.S_ISLNK(top.st_mode):
+        return model, [Source(src, model, top)]
     if stat.S_ISREG(top.st_mode):
         return model, [Source(src.resolve(), model, top)]
     if not stat.S_ISDIR(top.st_mode):
-        raise ZipfsError(f"{src}: {_SPECIAL.get(stat.S_IFMT(top.st_mode), 'not a regular file')}; "
-                         "nothing to ingest")
+        kind = _SPECIAL.get(stat.S_IFMT(top.st_mode), "not a regular file")
+        if follow:
+            raise ZipfsError(f"{src}: {kind}; nothing to ingest")
+        note(f"skipped {src}: {kind}")
+        return model, []
     return model, [Source(src, model, top)] + _scan(src, model, note)
 
 
@@ -150,6 +160,31 @@ def _put_entry(ing: Ingester, s: Source) -> None:
     journal.purge(store, rel.dead)
 
 
+def _store_all(ing: Ingester, sources: list[Source], report: ModelReport,
+               on_file: Callable[[FileReport], None]) -> ModelReport:
+    """Store every source, files coded against report.base; each commits on its own."""
+    lookup = report.base.lookup if report.base.name else None
+    for s in sources:
+        if s.kind == "file":
+            r = ing.ingest_file(s.path, s.dest, place(ing.store, s), base_lookup=lookup, expect=s.st)
+            report.files.append(r)
+            on_file(r)
+            continue
+        _put_entry(ing, s)
+        report.links += s.kind == "link"
+        report.dirs += s.kind == "dir"
+    return report
+
+
+def ingest_entries(ing: Ingester, src: Path, name: str,
+                   on_file: Callable[[FileReport], None] = lambda _: None,
+                   note: Callable[[str], None] = lambda _: None) -> ModelReport:
+    """Store src at name as it is, with no base and no model record: what sits beside the models
+    (the lock files and shared blobs of a hub cache)."""
+    dest, sources = plan_sources(src, name, note, follow=False)
+    return _store_all(ing, sources, ModelReport(dest, BaseChoice(None, "not a model")), on_file)
+
+
 def ingest_model(ing: Ingester, src: Path, name: str | None = None, base: str | None = None,
                  no_delta: bool = False, log: Callable[[str], None] = lambda _: None,
                  on_file: Callable[[FileReport], None] = lambda _: None,
@@ -160,17 +195,7 @@ def ingest_model(ing: Ingester, src: Path, name: str | None = None, base: str | 
     choice = choose_base(ing.store, model, files, src if src.is_dir() else None, forced=base,
                          disabled=no_delta, chunk_size=ing.chunk_size, log=log)
     log(f"{model}: base {choice.name or '(none)'}: {choice.reason}")
-    report = ModelReport(model, choice)
-    lookup = choice.lookup if choice.name else None
-    for s in sources:
-        if s.kind == "file":
-            r = ing.ingest_file(s.path, s.dest, place(ing.store, s), base_lookup=lookup, expect=s.st)
-            report.files.append(r)
-            on_file(r)
-            continue
-        _put_entry(ing, s)
-        report.links += s.kind == "link"
-        report.dirs += s.kind == "dir"
+    report = _store_all(ing, sources, ModelReport(model, choice), on_file)
     store = ing.store
 
     def op(txn: lmdb.Transaction) -> None:

@@ -1,6 +1,8 @@
 """Ingest one staged version (written through the mount) with the same pipeline as `zipfs ingest`.
 
-The file's model is its directory. The first tensor file of a model chooses a base the way
+The file's model is its directory, or the model or hub repo folder that directory is in
+(models.home); the first weights file in it (or any file of a hub repo folder) makes it a model in
+the models table, so stats and du list it. The first tensor file of a model chooses a base the way
 `zipfs ingest` does (sampled delta coding against stored models); later files of that model
 reuse the choice recorded in the models table. The commit switches the inode from the staged
 version to the stored one only if the inode still shows exactly that version (not removed, not
@@ -15,10 +17,14 @@ from dataclasses import dataclass
 import lmdb
 
 from zipfs.errors import ZipfsError
-from zipfs.ingest.base import NO_TENSORS, TENSOR_KINDS, BaseChoice, choose_base, stored_index
+from zipfs.ingest.base import NO_TENSORS, BaseChoice, choose_base, stored_index
 from zipfs.ingest.ingester import FileReport, Ingester
-from zipfs.store import inodes, journal, models
+from zipfs.store import hub, inodes, journal, models
 from zipfs.store.records import FileRecord
+
+#: names of weight files in formats that are stored as opaque bytes (checkpoints, GGUF, ONNX, ...)
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack",
+                   ".npz", ".tflite")
 
 
 @dataclass
@@ -60,8 +66,7 @@ def ingest_staged(ing: Ingester, sid: int, ino: int, fd: int, size: int,
             if (node.content, node.content_id) != (inodes.STAGED, sid):
                 raise ZipfsError(f"staged version #{sid} of inode {ino} was superseded")
             path = inodes.describe(store, txn, ino)
-            parent = inodes.find(store, txn, node.parent) if node.parent != inodes.ROOT else None
-            model = parent if parent is not None else node
+            model = models.home(store, txn, node)
             model_path = inodes.describe(store, txn, model.ino)
         choice = _base_for(ing, model, model_path, sid, path, bases)
 
@@ -75,12 +80,20 @@ def ingest_staged(ing: Ingester, sid: int, ino: int, fd: int, size: int,
 
         report = ing.ingest_file(fd, path, commit, base_lookup=choice.lookup if choice.name else None,
                                  size=size)
-    _record_model(ing, model.ino, choice, report)
+    founds = _carries_weights(path, report) or hub.repo_of(model_path) is not None
+    _record_model(ing, model.ino, choice, report, founds)
     return StagedIngest(report, path, choice.name)
 
 
-def _record_model(ing: Ingester, ino: int, choice: BaseChoice, report: FileReport) -> None:
-    """Create or update the model's record (its base, what was ingested into it)."""
+def _carries_weights(path: str, report: FileReport) -> bool:
+    """Whether a file is a model's weights (by its parsed format, or its name for formats stored
+    as opaque bytes): the first one makes its directory a model, so a config or tokenizer file
+    in a subdirectory copied before the weights does not."""
+    return report.kind != "opaque" or path.lower().endswith(WEIGHT_SUFFIXES)
+
+
+def _record_model(ing: Ingester, ino: int, choice: BaseChoice, report: FileReport, founds: bool) -> None:
+    """Create (when founds) or update the model's record (its base, what was ingested into it)."""
     store = ing.store
 
     def op(txn: lmdb.Transaction) -> None:
@@ -88,7 +101,7 @@ def _record_model(ing: Ingester, ino: int, choice: BaseChoice, report: FileRepor
             return
         m = models.get(store, txn, ino)
         if m is None:
-            if report.kind not in TENSOR_KINDS:
+            if not founds:
                 return
             base = inodes.resolve(store, txn, choice.name).ino if choice.name else 0
             m = models.Model(ino, base, choice.reason, choice.ratio, time.time())

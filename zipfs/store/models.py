@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from zipfs.errors import NotFoundError
-from zipfs.store import inodes
+from zipfs.store import hub, inodes, names
 from zipfs.store.records import DamagedRecord, key_u64, u64key
 
 if TYPE_CHECKING:
@@ -55,6 +55,28 @@ def get(store: Store, txn: lmdb.Transaction, ino: int) -> Model | None:
 
 def put(store: Store, txn: lmdb.Transaction, m: Model) -> None:
     store.put(txn, "models", u64key(m.ino), m.pack())
+
+
+def home(store: Store, txn: lmdb.Transaction, node: inodes.Inode) -> inodes.Inode:
+    """The model a file written through a mount belongs to: the nearest directory above it that
+    is a model; else the nearest hub repo folder above it (`models--org--name/blobs/...`); else
+    its own directory (a file at the root: itself). `cp -r ft MNT/me/ft` makes me/ft the model,
+    as `zipfs ingest ft --name me/ft` does, and its subdirectories stay part of it."""
+    if node.parent == inodes.ROOT:
+        return node
+    parent = inodes.get(store, txn, node.parent)
+    repo, seen = None, set()
+    d: inodes.Inode | None = parent
+    while d is not None and d.ino != inodes.ROOT and d.ino not in seen:  # a loop is damage: stop
+        if get(store, txn, d.ino) is not None:
+            return d
+        seen.add(d.ino)
+        up = inodes.find(store, txn, d.parent)
+        up_name = up.name if up is not None and up.ino != inodes.ROOT else b""
+        if repo is None and hub.repo_of(names.show(up_name + b"/" + d.name)) is not None:
+            repo = d
+        d = up
+    return repo or parent
 
 
 def named(store: Store, txn: lmdb.Transaction,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from zipfs.store import inodes, journal, models
+from zipfs.store import hub, inodes, journal, models
 from zipfs.store.lmdb_store import Store
 from zipfs.store.records import KIND_NAMES
 from zipfs.store.usage import owner, stored_files
@@ -29,7 +29,8 @@ class Stats:
     #: removed or replaced file versions still held (by a reader, or until gc)
     orphans: int = 0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
-    #: per model: its base, logical size, bytes its files added, delta chunks
+    #: per model (by path): its display name (a hub id for a hub repo folder), base, logical size,
+    #: bytes its files added, delta chunks
     models: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
@@ -47,7 +48,8 @@ def compute(store: Store) -> Stats:
     stored: Counter[str] = Counter()
     with store.read() as txn:
         named = models.named(store, txn)
-        s.models = {name: {"base": inodes.describe(store, txn, m.base) if m.base else None, "size": 0,
+        s.models = {name: {"display_name": hub.display(name),
+                           "base": inodes.describe(store, txn, m.base) if m.base else None, "size": 0,
                            "new_bytes": 0, "delta_chunks": m.delta_chunks, "reason": m.reason}
                     for name, m in named.items()}
         for path, rec in stored_files(store, txn):

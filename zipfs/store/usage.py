@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import lmdb
 
-from zipfs.store import inodes, models
+from zipfs.store import hub, inodes, models
 from zipfs.store.lmdb_store import Store
 from zipfs.store.records import ChunkRecord, DamagedRecord, FileRecord
 
@@ -25,6 +25,8 @@ EPS = 1e-9
 @dataclass
 class ModelUsage:
     name: str
+    #: how the model is shown (a hub repo folder by its hub id)
+    display_name: str = ""
     files: int = 0
     logical: int = 0
     shared_stored: float = 0.0
@@ -60,7 +62,7 @@ def usage(store: Store) -> list[ModelUsage]:
         file_refs: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for path, rec in stored_files(store, txn):
             o = owner(path, model_names)
-            mu = out.setdefault(o, ModelUsage(o))
+            mu = out.setdefault(o, ModelUsage(o, hub.display(o)))
             mu.files += 1
             mu.logical += rec.size
             for cid in rec.chunk_ids.tolist():
@@ -86,7 +88,7 @@ def usage(store: Store) -> list[ModelUsage]:
             share[m] += w
         total = sum(share.values())
         for m, s in share.items():
-            mu = out.setdefault(m, ModelUsage(m))
+            mu = out.setdefault(m, ModelUsage(m, hub.display(m)))
             mu.shared_stored += cr.stored_len * s / total
             if s >= total - EPS:
                 mu.freed_by_rm += cr.stored_len
