@@ -48,23 +48,27 @@ def _damaged(real: bytes) -> dict[str, tuple[bytes, str]]:
     }
 
 
-def test_malformed_safetensors_are_stored_opaque_and_exact(models, tmp_path, zipfs):
-    real = (models["minilm"] / "model.safetensors").read_bytes()
+def _stored_opaque_and_exact(zipfs, tmp_path: Path, cases: dict[str, tuple[bytes, str]], suffix: str) -> None:
+    """Ingest each case as one directory: every file opaque with its reason, exported exact."""
     src = tmp_path / "bad"
     src.mkdir()
-    cases = _damaged(real)
     for case, (blob, _) in cases.items():
-        (src / f"{case}.safetensors").write_bytes(blob)
+        (src / f"{case}{suffix}").write_bytes(blob)
     r = zipfs("ingest", str(src), "--name", "bad")
     assert r.code == 0, r.err
     for case, (_, reason) in cases.items():
-        line = r.out.split(f"bad/{case}.safetensors:")[1]
-        assert "opaque" in line.splitlines()[0] and reason in line.split("\n")[1], (case, line)
+        line = r.out.split(f"bad/{case}{suffix}:")[1]
+        assert "opaque" in line.splitlines()[0] and re.search(reason, line.split("\n")[1]), (case, line)
     out = tmp_path / "out"
     assert zipfs("export", "bad", str(out)).code == 0
     for case in cases:
-        assert sha256(out / f"{case}.safetensors") == sha256(src / f"{case}.safetensors")
+        assert sha256(out / f"{case}{suffix}") == sha256(src / f"{case}{suffix}")
     assert zipfs("verify").code == 0
+
+
+def test_malformed_safetensors_are_stored_opaque_and_exact(models, tmp_path, zipfs):
+    real = (models["minilm"] / "model.safetensors").read_bytes()
+    _stored_opaque_and_exact(zipfs, tmp_path, _damaged(real), ".safetensors")
 
 
 def _damaged_gguf(real: bytes, header_end: int) -> dict[str, tuple[bytes, str]]:
@@ -89,20 +93,7 @@ def test_malformed_gguf_is_stored_opaque_and_exact(gguf_file, tmp_path, zipfs):
     from zipfs.formats import gguf
     real = gguf_file.read_bytes()
     cases = _damaged_gguf(real, gguf.parse(real[:4 << 20], len(real)).header_end)
-    src = tmp_path / "badgguf"
-    src.mkdir()
-    for case, (blob, _) in cases.items():
-        (src / f"{case}.gguf").write_bytes(blob)
-    r = zipfs("ingest", str(src), "--name", "bad")
-    assert r.code == 0, r.err
-    for case, (_, reason) in cases.items():
-        line = r.out.split(f"bad/{case}.gguf:")[1]
-        assert "opaque" in line.splitlines()[0] and re.search(reason, line.split("\n")[1]), (case, line)
-    out = tmp_path / "out"
-    assert zipfs("export", "bad", str(out)).code == 0
-    for case in cases:
-        assert sha256(out / f"{case}.gguf") == sha256(src / f"{case}.gguf")
-    assert zipfs("verify").code == 0
+    _stored_opaque_and_exact(zipfs, tmp_path, cases, ".gguf")
 
 
 def test_failed_final_commit_leaves_nothing_visible_and_frees_its_chunks(models, store_path, monkeypatch):

@@ -137,6 +137,15 @@ def _text(raw: memoryview, what: str) -> str:
         raise FormatError(f"{what} is not valid UTF-8") from None
 
 
+def _new_name(cur: _Cursor, seen: set[str], what: str) -> str:
+    """A UTF-8 string not seen before (metadata keys and tensor names are unique)."""
+    name = _text(cur.string(what), what)
+    if name in seen:
+        raise FormatError(f"duplicate {what} {name!r}")
+    seen.add(name)
+    return name
+
+
 def parse(buf: bytes | memoryview, file_size: int) -> Header:
     """Validate the header at the start of a file of file_size bytes, given its first bytes.
 
@@ -155,10 +164,7 @@ def parse(buf: bytes | memoryview, file_size: int) -> Header:
     alignment = DEFAULT_ALIGNMENT
     keys: set[str] = set()
     for _ in range(n_kv):
-        key = _text(cur.string("metadata key"), "metadata key")
-        if key in keys:
-            raise FormatError(f"duplicate metadata key {key!r}")
-        keys.add(key)
+        key = _new_name(cur, keys, "metadata key")
         vtype = cur.u32(f"type of {key}")
         if key == "general.alignment":
             if vtype != _UINT32:
@@ -171,10 +177,7 @@ def parse(buf: bytes | memoryview, file_size: int) -> Header:
     infos = []
     names: set[str] = set()
     for _ in range(n_tensors):
-        name = _text(cur.string("tensor name"), "tensor name")
-        if name in names:
-            raise FormatError(f"duplicate tensor name {name!r}")
-        names.add(name)
+        name = _new_name(cur, names, "tensor name")
         n_dims = cur.u32(f"dims of {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise FormatError(f"tensor {name!r}: {n_dims} dimensions (1 to {MAX_DIMS})")
