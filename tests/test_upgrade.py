@@ -82,7 +82,7 @@ def test_schema2_store_is_upgraded_in_place(models, zipfs, store_path, tmp_path)
     assert r.code == 0 and "20 ok, 0 failed" in r.out, r.out
     assert zf("fsck").code == 0
     with Store(old) as store, store.read() as txn:
-        assert unseal("meta", b"schema", txn.get(b"schema", db=store.db["meta"])) == b"3"
+        assert unseal("meta", b"schema", txn.get(b"schema", db=store.db["meta"])) == b"4"
         node = inodes.resolve(store, txn, "org/sre/model.safetensors")
         mtime = (models["sre"] / "model.safetensors").stat().st_mtime_ns
         assert node.mode == 0o100644 and node.mtime_ns == mtime
@@ -97,3 +97,17 @@ def test_schema2_store_is_upgraded_in_place(models, zipfs, store_path, tmp_path)
     assert zf("export", "org/sre", str(out)).code != 0  # the staged file is only readable through a mount
     assert sha256(out / "model.safetensors") == sha256(models["sre"] / "model.safetensors")
     assert zf("rm", "minilm").code == 0 and zf("gc").code == 0 and zf("verify").code == 0
+
+
+def test_schema3_store_opens_as_schema4_and_an_older_zipfs_is_told(models, zipfs, store_path):
+    """Schema 4 adds chunk kinds (verbatim, zstd-frame) and block payloads: nothing to convert,
+    but a zipfs that knows schema 3 only must refuse the store, not call new chunks damage."""
+    assert zipfs("ingest", str(models["minilm"]), "--name", "minilm").code == 0
+    with Store(store_path) as store:
+        store.writer.call(lambda txn: store.put(txn, "meta", b"schema", b"3"))
+    assert zipfs("verify").code == 0
+    with Store(store_path) as store, store.read() as txn:
+        assert unseal("meta", b"schema", txn.get(b"schema", db=store.db["meta"])) == b"4"
+        store.writer.call(lambda t: store.put(t, "meta", b"schema", b"5"))
+    r = zipfs("verify")
+    assert r.code != 0 and "newer than this zipfs supports (4)" in r.err

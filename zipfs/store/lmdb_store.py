@@ -44,7 +44,7 @@ from zipfs.store import datafile
 from zipfs.store.records import ChunkRecord, DamagedRecord, FileRecord, seal, u64key, unseal
 from zipfs.store.writer import Writer
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TABLES = ("meta", "inodes", "dirents", "files", "chunks", "payloads", "chunkhash", "models", "staged",
           "orphans", "xattrs")
 #: tables of older schemas that an upgrade reads and then empties

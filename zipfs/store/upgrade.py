@@ -6,7 +6,8 @@ most 511 bytes, so long paths could not be stored) and had no checksums on metad
 upgrade runs in one write transaction, so a crash leaves the old store untouched: it reseals
 chunk, hash-index and file records, builds inodes and directory entries from the path table
 (files 0644, directories 0755, owned by the store's owner), rekeys models by inode and the
-staging journal by inode, and drops the path table.
+staging journal by inode, and drops the path table. Schema 4 adds chunk kinds (verbatim,
+zstd-frame) and block payloads for GGUF; a schema-3 store needs no conversion.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def open_schema(store) -> None:
         return
     owner = os.stat(store.path)
     ns = None
-    if version:
+    if 0 < version < 3:
         try:
             ns = store.env.open_db(b"ns", create=False)
         except lmdb.NotFoundError:
@@ -64,8 +65,11 @@ def open_schema(store) -> None:
             return  # another process did it meanwhile
         if version == 0:
             inodes.make_root(store, txn, owner.st_uid, owner.st_gid, time.time_ns())
-        else:
+        elif version < 3:
             _upgrade(store, txn, ns, owner.st_uid, owner.st_gid)
+        # 3 -> 4 converts nothing: the chunk kinds verbatim and zstd-frame and the block payloads
+        # (GGUF) of schema 4 appear only in what is written from now on; the version says that a
+        # zipfs that does not know them must not open the store (it would call them damage)
         store.put(txn, "meta", b"schema", str(SCHEMA_VERSION).encode())
 
     try:
