@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -78,3 +79,19 @@ def zipfs(store_path: Path):
             code = cli_main(["--store", str(store_path), *args])
         return CliResult(code, out.getvalue(), err.getvalue())
     return run
+
+
+def tiny_gguf(**over) -> bytes:
+    """A valid two-tensor GGUF v3 (one F32, one Q8_0); over replaces fields to make it hostile."""
+    def s(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+    kv = s(b"general.alignment") + struct.pack("<II", 4, over.get("alignment", 32))
+    kv += s(b"general.name") + struct.pack("<I", 8) + s(over.get("name", b"tiny"))
+    tensors = over.get("tensors", [(b"a", [32], 0, 0), (b"b", [32, 2], 8, 128)])
+    infos = b"".join(s(name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, typ, off)
+                     for name, ne, typ, off in tensors)
+    counts = over.get("n_tensors", len(tensors)), over.get("n_kv", 2)
+    head = b"GGUF" + struct.pack("<IQQ", over.get("version", 3), *counts)
+    head += kv + infos
+    head += b"\0" * (-len(head) % 32)
+    return head + bytes(range(256)) * over.get("data_256s", 1)

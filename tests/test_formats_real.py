@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zstandard
 
 import fetch_models
-from conftest import sha256
+from conftest import sha256, tiny_gguf
 from zipfs.fs.process import mounted
 from zipfs.ingest.ingester import Ingester
 from zipfs.ingest.model import ingest_model, ingest_one
@@ -138,3 +139,21 @@ def test_a_gguf_changed_in_a_few_blocks_is_stored_as_xor_deltas(gguf_file, tmp_p
         deltas = sum(store.chunk(txn, int(c)).base != 0 for c in rec.chunk_ids)
     assert deltas > 50 and rec.new_bytes < 0.05 * len(data), (deltas, rec.new_bytes)
     assert "0 failed" in zipfs("verify").out
+
+
+def test_many_tiny_tensors_and_far_repeats_stay_within_zstd3(tmp_path):
+    """Hostile shapes of valid files: a GGUF of 20,000 tiny tensors (a chunk each would cost more
+    than the tensor), and an opaque file made of one 700 KB block repeated (repeats further apart
+    than a content-defined chunk, which zstd -3 finds in its window)."""
+    n = 20000
+    tensors = [(f"blk.{i}.norm".encode(), [32], 0, 128 * i) for i in range(n)]
+    tiny = tmp_path / "tiny.gguf"
+    tiny.write_bytes(tiny_gguf(tensors=tensors, data_256s=n // 2))
+    block = np.random.default_rng(5).integers(0, 256, 700_000, dtype=np.uint8).tobytes()
+    rep = tmp_path / "repeated.bin"
+    rep.write_bytes((block * 24)[:16 << 20])
+    for i, f in enumerate((tiny, rep)):
+        with Store(tmp_path / f"s{i}") as store, Ingester(store) as ing:
+            r = ingest_one(ing, f, f.name)
+        assert r.new_bytes <= zstd3(f) + CHUNKING_SLACK * f.stat().st_size, (f.name, r.new_bytes, zstd3(f))
+        assert r.chunks < 64, (f.name, r.chunks)

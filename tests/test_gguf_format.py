@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
+from conftest import tiny_gguf
 from zipfs.codec import blocks
 from zipfs.codec import chunk as codec
 from zipfs.errors import CorruptChunkError, FormatError
@@ -50,26 +51,8 @@ def test_plan_cuts_header_tensors_and_padding(gguf_file):
     assert q and all((s.end - s.start) % s.dtype.layout.block_bytes == 0 for s in q)
 
 
-def _tiny_gguf(**over) -> bytes:
-    """A valid two-tensor GGUF v3 (one F32, one Q8_0); over replaces fields to make it hostile."""
-    def s(b: bytes) -> bytes:
-        return struct.pack("<Q", len(b)) + b
-    kv = s(b"general.alignment") + struct.pack("<II", 4, over.get("alignment", 32))
-    kv += s(b"general.name") + struct.pack("<I", 8) + s(over.get("name", b"tiny"))
-    infos = b""
-    tensors = over.get("tensors", [(b"a", [32], 0, 0), (b"b", [32, 2], 8, 128)])
-    for name, ne, typ, off in tensors:
-        infos += s(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne)
-        infos += struct.pack("<IQ", typ, off)
-    counts = over.get("n_tensors", len(tensors)), over.get("n_kv", 2)
-    head = b"GGUF" + struct.pack("<IQQ", over.get("version", 3), *counts)
-    head += kv + infos
-    head += b"\0" * (-len(head) % 32)
-    return head + bytes(range(256)) * over.get("data_256s", 1)
-
-
 def test_tiny_file_parses():
-    blob = _tiny_gguf()
+    blob = tiny_gguf()
     h = gguf.parse(blob, len(blob))
     assert [t.name for t in h.tensors] == ["a", "b"] and h.tensors[1].end - h.tensors[1].start == 68
 
@@ -91,7 +74,7 @@ def test_tiny_file_parses():
     ({"tensors": [(b"\xc3(", [32], 0, 0)]}, "UTF-8"),
 ])
 def test_hostile_headers_are_refused_with_a_reason(over, why):
-    blob = _tiny_gguf(**over)
+    blob = tiny_gguf(**over)
     if why is None:
         gguf.parse(blob, len(blob))
         return
@@ -104,7 +87,7 @@ def test_hostile_headers_are_refused_with_a_reason(over, why):
 @settings(max_examples=300, deadline=None)
 @given(cut=hs.integers(0, 400), flip=hs.integers(0, 399), bit=hs.integers(0, 7))
 def test_any_damaged_header_parses_or_is_refused(cut, flip, bit):
-    blob = bytearray(_tiny_gguf())
+    blob = bytearray(tiny_gguf())
     blob[flip % len(blob)] ^= 1 << bit
     blob = bytes(blob[:max(4, len(blob) - cut)])
     try:
@@ -156,7 +139,42 @@ def test_block_payload_damage_is_an_error_not_wrong_bytes(gguf_file):
 
 
 def test_big_endian_files_plan_as_opaque_with_the_reason():
-    blob = _tiny_gguf(version=0x03000000)
+    blob = tiny_gguf(version=0x03000000)
     plan = plan_file("model.gguf", blob, len(blob))
     assert plan.kind == "opaque" and "big-endian" in plan.note
     assert plan_file("notes.txt", b"GGUX", 4).note == ""
+
+
+def _forge_size(frame: bytes, declared: int) -> bytes:
+    """A zstd frame whose header claims another content size (an 8-byte field)."""
+    b = bytearray(frame)
+    b[4] = 0xE0  # frame header descriptor: 8-byte content size, single segment
+    b[5:13] = struct.pack("<Q", declared)
+    return bytes(b)
+
+
+def test_a_forged_zstd_content_size_is_corruption_not_a_memory_error():
+    raw = b"the same words again and again " * 2000
+    frame = codec.lone_frame(codec.encode(raw).payload)
+    with pytest.raises(CorruptChunkError, match="declares"):
+        codec.decode_frame(_forge_size(frame, 1 << 62), bytearray(len(raw)))
+    layout = blocks.LAYOUTS[8]
+    q = np.tile(np.arange(layout.block_bytes, dtype=np.uint8), 4096).tobytes()
+    payload = bytearray(codec.encode(q, layout=layout).payload)
+    at = payload.find(b"\x28\xb5\x2f\xfd")  # the first zstd plane
+    assert at > 0
+    payload[at:at + 13] = _forge_size(bytes(payload[at:at + 13]), 1 << 62)
+    with pytest.raises(CorruptChunkError):
+        codec.decode(bytes(payload))
+
+
+def test_too_many_tensors_is_opaque_and_notes_stay_one_line():
+    many = [(f"t{i}".encode(), [32], 0, 128 * i) for i in range(70000)]
+    blob = tiny_gguf(tensors=many, data_256s=0)
+    with pytest.raises(FormatError, match="more than the 65536"):
+        gguf.parse(blob, len(blob))
+    key = b"evil\nkey \x1b[31m"
+    evil = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 99)
+    plan = plan_file("x.gguf", evil, len(evil))
+    assert plan.kind == "opaque" and "unknown value type 99" in plan.note
+    assert "\n" not in plan.note and "\x1b" not in plan.note

@@ -218,13 +218,7 @@ def _decode_blocks(payload: bytes | memoryview, base: bytes | memoryview | None,
         elif method == RAW and size == want:
             planes.append(np.frombuffer(body, dtype=np.uint8))
         elif method == ZSTD:
-            try:
-                got = _decompressor().decompress(body, max_output_size=want)
-            except zstandard.ZstdError as e:
-                raise CorruptChunkError(f"zstd plane does not decode: {e}") from None
-            if len(got) != want:
-                raise CorruptChunkError(f"zstd plane decodes to {len(got)} bytes, not {want}")
-            planes.append(np.frombuffer(got, dtype=np.uint8))
+            planes.append(np.frombuffer(_unzstd(body, want, "zstd plane"), dtype=np.uint8))
         else:
             raise CorruptChunkError(f"plane {k}: method {method} with {size} bytes is invalid")
     if at != len(payload):
@@ -248,14 +242,24 @@ def lone_frame(payload: bytes) -> bytes | None:
 def decode_frame(frame: bytes | memoryview, out: Any) -> memoryview:
     """Decode a bare zstd frame (see lone_frame) into out, which it must fill exactly."""
     view = memoryview(out).cast("B")
-    try:
-        got = _decompressor().decompress(frame, max_output_size=len(view))
-    except zstandard.ZstdError as e:
-        raise CorruptChunkError(f"zstd frame does not decode: {e}") from None
-    if len(got) != len(view):
-        raise CorruptChunkError(f"zstd frame decodes to {len(got)} bytes, not {len(view)}")
-    view[:] = got
+    view[:] = _unzstd(frame, len(view), "zstd frame")
     return view.toreadonly()
+
+
+def _unzstd(frame: bytes | memoryview, want: int, what: str) -> bytes:
+    """Exactly `want` bytes from one zstd frame; CorruptChunkError otherwise. The size a frame
+    declares is checked first: python-zstandard allocates whatever it says (2**62 bytes from a
+    damaged header), whatever max_output_size is."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if declared not in (want, -1):
+            raise CorruptChunkError(f"{what} declares {declared} bytes, not {want}")
+        got = _decompressor().decompress(frame, max_output_size=want)
+    except zstandard.ZstdError as e:
+        raise CorruptChunkError(f"{what} does not decode: {e}") from None
+    if len(got) != want:
+        raise CorruptChunkError(f"{what} decodes to {len(got)} bytes, not {want}")
+    return got
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from zipfs.codec.blocks import LAYOUTS
 from zipfs.errors import FormatError
-from zipfs.formats.safetensors import DTYPES, DType, TensorInfo
+from zipfs.formats.safetensors import DTYPES, MAX_TENSORS, DType, TensorInfo
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -56,6 +56,9 @@ DTYPE_BY_ID = {k: _dtype(k) for k in _TYPES}
 #: value types of metadata: fixed sizes (string = 8, array = 9 are walked)
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
+
+
+_U64 = struct.Struct("<Q")
 
 
 class NeedMore(Exception):
@@ -111,23 +114,41 @@ class _Cursor:
     def string(self, what: str) -> memoryview:
         return self.take(self.count(f"{what} length", 1), what)
 
+    def skip_strings(self, n: int, what: str) -> None:
+        """Step over n length-prefixed strings (a tokenizer's 250k tokens) in one tight loop."""
+        buf, pos = self.buf, self.pos
+        limit = min(len(buf), self.file_size)
+        unpack = _U64.unpack_from
+        done = 0
+        while done < n and pos + 8 <= limit:
+            pos += 8 + unpack(buf, pos)[0]
+            done += 1
+        if done == n and pos <= limit:
+            self.pos = pos
+            return
+        # ran out of bytes: a length prefix, or a string, reaches past the buffer or the file;
+        # take() says which (past the end of the file, or NeedMore)
+        end = pos if pos > limit else pos + 8
+        self.take(end - self.pos, what)
+        raise AssertionError("take() raises past the end of its bytes")
+
 
 def _skip_value(cur: _Cursor, vtype: int, key: str, in_array: bool = False) -> None:
     if vtype in _FIXED:
-        cur.take(_FIXED[vtype], f"value of {key}")
+        cur.take(_FIXED[vtype], f"value of {key!r}")
     elif vtype == _STRING:
-        cur.string(f"string value of {key}")
+        cur.string(f"string value of {key!r}")
     elif vtype == _ARRAY and not in_array:
-        etype = cur.u32(f"array type of {key}")
+        etype = cur.u32(f"array type of {key!r}")
         if etype in _FIXED:
-            cur.take(cur.count(f"array length of {key}", _FIXED[etype]) * _FIXED[etype], f"array {key}")
+            n = cur.count(f"array length of {key!r}", _FIXED[etype])
+            cur.take(n * _FIXED[etype], f"array {key!r}")
         elif etype == _STRING:
-            for _ in range(cur.count(f"array length of {key}", 8)):
-                cur.string(f"string in array {key}")
+            cur.skip_strings(cur.count(f"array length of {key!r}", 8), f"string in array {key!r}")
         else:
-            raise FormatError(f"metadata {key}: array of type {etype} is not allowed")
+            raise FormatError(f"metadata {key!r}: array of type {etype} is not allowed")
     else:
-        raise FormatError(f"metadata {key}: unknown value type {vtype}")
+        raise FormatError(f"metadata {key!r}: unknown value type {vtype}")
 
 
 def _text(raw: memoryview, what: str) -> str:
@@ -160,6 +181,8 @@ def parse(buf: bytes | memoryview, file_size: int) -> Header:
         hint = " (a big-endian file?)" if swapped in (2, 3) else ""
         raise FormatError(f"GGUF version {version} is not supported (2 or 3){hint}")
     n_tensors = cur.count("tensor count", 8 + 4 + 8 + 4 + 8)
+    if n_tensors > MAX_TENSORS:
+        raise FormatError(f"{n_tensors} tensors, more than the {MAX_TENSORS} zipfs plans by tensor")
     n_kv = cur.count("metadata count", 8 + 4 + 1)
     alignment = DEFAULT_ALIGNMENT
     keys: set[str] = set()

@@ -19,6 +19,10 @@ from zipfs.errors import FormatError
 
 #: safetensors refuses headers above this size (100 MB); so do we.
 MAX_HEADER_LEN = 100_000_000
+#: tensors per file, safetensors or GGUF, beyond which a file is stored as opaque bytes: real
+#: checkpoints hold a few thousand per file (a shard of a 256-expert MoE ~10k), while a hostile
+#: header of a million empty tensors would cost minutes and GBs to plan
+MAX_TENSORS = 65536
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,8 @@ def parse_header(header_bytes: bytes, file_size: int) -> Header:
     data_start = 8 + n
     data_len = file_size - data_start
     metadata = obj.pop("__metadata__", None)
+    if len(obj) > MAX_TENSORS:
+        raise FormatError(f"{len(obj)} tensors, more than the {MAX_TENSORS} zipfs plans by tensor")
     if metadata is not None and (
         not isinstance(metadata, dict)
         or not all(isinstance(v, str) for v in metadata.values())

@@ -23,7 +23,7 @@ from zipfs.codec import widen
 from zipfs.errors import CorruptChunkError, ZipfsError
 from zipfs.formats import safetensors as st
 from zipfs.ingest import encoding, hubcache
-from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, open_regular, plan_file, read_prefix
+from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, open_regular, plan_fd
 from zipfs.read.chunks import ChunkSource
 from zipfs.store import hub, inodes
 from zipfs.store import models as models_mod
@@ -125,7 +125,7 @@ def local_tensors(files: list[tuple[Path, str]]) -> dict[str, LocalTensor]:
         fd = open_regular(path, path.lstat())  # links are not followed here either
         try:
             size = os.fstat(fd).st_size
-            plan = plan_file(dest, read_prefix(fd, size), size)
+            plan = plan_fd(fd, size, dest)
         finally:
             os.close(fd)
         for seg in plan.segments:
@@ -198,7 +198,7 @@ def stored_index(store: Store, model: str) -> dict[str, BaseTensor]:
             ids = rec.chunk_ids.tolist()
             pos = {s: i for i, s in enumerate(starts)}
             for t in rec.tensors:
-                if t.start == t.end or t.start not in pos:
+                if t.start == t.end or t.start not in pos or not t.digest:  # no chunks of its own
                     continue
                 i = pos[t.start]
                 j = i

@@ -32,14 +32,7 @@ from zipfs.errors import ZipfsError
 from zipfs.formats.safetensors import DType, Segment
 from zipfs.ingest import encoding
 from zipfs.ingest.base import BaseRef, resolve_base
-from zipfs.ingest.plan import (
-    DEFAULT_CHUNK,
-    open_regular,
-    plan_file,
-    pread_exact,
-    read_prefix,
-    segment_ranges,
-)
+from zipfs.ingest.plan import DEFAULT_CHUNK, open_regular, plan_fd, pread_exact
 from zipfs.read.chunks import ChunkSource
 from zipfs.store import inodes, journal
 from zipfs.store import records as rec
@@ -220,8 +213,9 @@ class Ingester:
     def _ingest_fd(self, fd: int, size: int, name: str, commit: Commit, base_lookup: BaseLookup | None,
                    t0: float, whole: os.stat_result | None = None) -> FileReport:
         """whole: the file's fstat when the whole of it is stored; it must read as that at the end."""
-        plan = plan_file(name, read_prefix(fd, size), size)
-        window: deque[tuple[int, int, Future[_Prepared]]] = deque()  # (segment, raw length, job)
+        plan = plan_fd(fd, size, name)
+        units = plan.units()
+        window: deque[tuple[int, int, Future[_Prepared]]] = deque()  # (unit, raw length, job)
         offsets: list[int] = []
         ids: list[int | Future[int]] = []
         written: list[Future[int]] = []
@@ -258,9 +252,9 @@ class Ingester:
                 self.progress(nbytes)
 
         try:
-            for si, seg in enumerate(plan.segments):
+            for si, seg in enumerate(units):
                 refs = base_lookup(seg) if base_lookup and seg.tensor else None
-                for ci, (s, e) in enumerate(segment_ranges(fd, seg, self.chunk_size)):
+                for ci, (s, e) in enumerate(plan.ranges(fd, seg, self.chunk_size)):
                     ref = refs[ci] if refs and ci < len(refs) else None
                     offsets.append(s)
                     window.append((si, e - s, self._pool.submit(self._prepare, fd, s, e, seg.dtype, ref)))
@@ -271,14 +265,14 @@ class Ingester:
             chunk_ids = np.array([i if isinstance(i, int) else i.result() for i in ids], dtype=np.uint64)
             while hashed:
                 hashed.popleft().result()
+            own = {seg.tensor.name: si for si, seg in enumerate(units) if seg.tensor is not None}
             tensors = []
-            for si, seg in enumerate(plan.segments):
-                if seg.tensor is None:
+            for seg in plan.segments:
+                if (t := seg.tensor) is None:
                     continue
-                t = seg.tensor
-                digest = blake3.blake3(b"".join(seg_hashes[si]))
-                tensors.append(TensorEntry(t.name, t.dtype.name, list(t.shape), t.start, t.end,
-                                           digest.hexdigest()))
+                # a tensor merged into a run of small ones has no chunks of its own, nor a digest
+                digest = blake3.blake3(b"".join(seg_hashes[own[t.name]])).hexdigest() if t.name in own else ""
+                tensors.append(TensorEntry(t.name, t.dtype.name, list(t.shape), t.start, t.end, digest))
             if whole is not None:
                 _unchanged(fd, whole, name)
             frec = FileRecord(size=size, sha256=sha.hexdigest(), kind=plan.kind,

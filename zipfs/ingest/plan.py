@@ -1,4 +1,4 @@
-"""Cut a file into element-aligned chunks. Pure: bytes and sizes in, ranges out."""
+"""Plan a file: its format, its segments (header, tensors, padding) and how each is cut into chunks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ from zipfs.formats import cdc, gguf
 from zipfs.formats import safetensors as st
 
 DEFAULT_CHUNK = 1 << 20
+#: a file no parser understands up to this size is one chunk (one zstd frame of it, as `zstd -3`
+#: makes): repeats further apart than a content-defined chunk (tokenizer.json and the like) are
+#: still found, and such files are read whole anyway
+SOLID_MAX = 16 << 20
+#: this many or more consecutive segments each under SMALL bytes (tiny tensors, their padding)
+#: are chunked together as bytes: one chunk per tiny tensor would cost more than the tensor
+SMALL, RUN_MIN = 64 << 10, 8
 
 
 @dataclass(frozen=True)
@@ -22,30 +29,97 @@ class FilePlan:
     note: str
     segments: list[st.Segment]
 
+    @property
+    def solid(self) -> bool:
+        """Stored as one chunk (see SOLID_MAX)."""
+        return self.kind == "opaque" and len(self.segments) == 1 and self.segments[0].end <= SOLID_MAX
+
+    def units(self) -> list[st.Segment]:
+        """What is chunked: the segments, with each run of RUN_MIN or more small ones merged into
+        one opaque unit (its tensors keep their entries, not chunks of their own)."""
+        out: list[st.Segment] = []
+        run: list[st.Segment] = []
+        for seg in [*self.segments, None]:
+            if seg is not None and seg.end - seg.start < SMALL:
+                run.append(seg)
+                continue
+            if len(run) >= RUN_MIN:
+                out.append(st.Segment(run[0].start, run[-1].end, st.OPAQUE))
+            else:
+                out += run
+            run = []
+            if seg is not None:
+                out.append(seg)
+        return out
+
+    def ranges(self, fd: int, unit: st.Segment, chunk_size: int = DEFAULT_CHUNK) -> Iterator[tuple[int, int]]:
+        """The chunks of a unit: a tensor in element-aligned fixed steps (chunk i of a tensor
+        covers the same elements in every model, which deltas rely on), a solid file whole,
+        other bytes at content-defined boundaries (an insertion moves only the chunks around it)."""
+        if unit.tensor is not None:
+            return iter(chunk_ranges(unit, chunk_size))
+        if self.solid:
+            return iter([(unit.start, unit.end)])
+        return cdc.ranges(lambda off, n: pread_exact(fd, n, off), unit.start, unit.end)
+
+
+def _whole(size: int) -> list[st.Segment]:
+    return [st.Segment(0, size, st.OPAQUE)] if size else []
+
+
+def _gguf_plan(name: str, size: int, header: gguf.Header | FormatError) -> FilePlan:
+    if isinstance(header, gguf.Header):
+        return FilePlan("gguf", "", st.segments(header, size))
+    note = f"not treated as GGUF: {header}" if name.endswith(".gguf") else ""
+    return FilePlan("opaque", note, _whole(size))
+
 
 def plan_file(name: str, data: bytes | memoryview, size: int) -> FilePlan:
     """Segments of a file: a valid safetensors or GGUF file by tensor, anything else as opaque bytes.
 
     Files named *.safetensors or *.gguf are parsed, and so is any file that starts like one (a
     length, then '{'; the GGUF magic): validation is strict, so only real ones pass. Only the
-    named ones get a note saying why they were stored opaque. data: what read_prefix returned.
+    named ones get a note saying why they were stored opaque. data: the file's first bytes
+    (plan_fd reads as many as the header needs).
     """
-    whole = [st.Segment(0, size, st.OPAQUE)] if size else []
     if name.endswith(".gguf") or bytes(data[:4]) == gguf.MAGIC:
         try:
-            return FilePlan("gguf", "", st.segments(gguf.parse(data, size), size))
-        except (FormatError, gguf.NeedMore) as e:
-            why = e if isinstance(e, FormatError) else "header is larger than what was read"
-            return FilePlan("opaque", f"not treated as GGUF: {why}" if name.endswith(".gguf") else "", whole)
+            return _gguf_plan(name, size, gguf.parse(data, size))
+        except FormatError as e:
+            return _gguf_plan(name, size, e)
+        except gguf.NeedMore:
+            return _gguf_plan(name, size, FormatError("header is larger than what was read"))
     claimed = name.endswith(".safetensors")
     if not claimed and bytes(data[8:9]) != b"{":
-        return FilePlan("opaque", "", whole)
+        return FilePlan("opaque", "", _whole(size))
     try:
         n = st.header_length(bytes(data[:8]), size)
         header = st.parse_header(bytes(data[8:8 + n]), size)
     except FormatError as e:
-        return FilePlan("opaque", f"not treated as safetensors: {e}" if claimed else "", whole)
+        return FilePlan("opaque", f"not treated as safetensors: {e}" if claimed else "", _whole(size))
     return FilePlan("safetensors", "", st.segments(header, size))
+
+
+def plan_fd(fd: int, size: int, name: str) -> FilePlan:
+    """Plan an open file, reading only its header: a safetensors header (the 8-byte length and,
+    when plausible, the JSON), or a GGUF header read in growing pieces until it parses or is
+    found invalid."""
+    first = pread_exact(fd, min(size, 9), 0)
+    if first[:4] == gguf.MAGIC:
+        buf = first + pread_exact(fd, min(size, 1 << 20) - len(first), len(first))
+        while True:
+            try:
+                return _gguf_plan(name, size, gguf.parse(buf, size))
+            except FormatError as e:
+                return _gguf_plan(name, size, e)
+            except gguf.NeedMore as e:
+                want = min(size, max(e.need, 2 * len(buf)))
+                buf += pread_exact(fd, want - len(buf), len(buf))
+    try:
+        n = st.header_length(first[:8], size)
+    except FormatError:
+        return plan_file(name, first, size)
+    return plan_file(name, first[:8] + pread_exact(fd, n, 8), size)
 
 
 def chunk_ranges(seg: st.Segment, chunk_size: int = DEFAULT_CHUNK) -> list[tuple[int, int]]:
@@ -58,15 +132,6 @@ def chunk_ranges(seg: st.Segment, chunk_size: int = DEFAULT_CHUNK) -> list[tuple
     return [(s, min(s + step, seg.end)) for s in range(seg.start, seg.end, step)]
 
 
-def segment_ranges(fd: int, seg: st.Segment, chunk_size: int = DEFAULT_CHUNK) -> Iterator[tuple[int, int]]:
-    """The chunks of a segment: a tensor in element-aligned fixed steps (chunk i of a tensor
-    covers the same elements in every model, which deltas rely on), other bytes at content-defined
-    boundaries (an insertion moves only the chunks around it)."""
-    if seg.tensor is not None:
-        return iter(chunk_ranges(seg, chunk_size))
-    return cdc.ranges(lambda off, n: pread_exact(fd, n, off), seg.start, seg.end)
-
-
 def pread_exact(fd: int, n: int, off: int) -> bytes:
     """n bytes at off; ZipfsError when the file is shorter (it shrank while being read)."""
     parts, got = [], 0
@@ -77,29 +142,6 @@ def pread_exact(fd: int, n: int, off: int) -> bytes:
         parts.append(b)
         got += len(b)
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def read_prefix(fd: int, size: int) -> bytes:
-    """The bytes plan_file looks at, so planning never reads the whole file: a safetensors
-    header (the 8-byte length and, when plausible, the JSON), or a GGUF header (read in growing
-    pieces until it parses or is found invalid)."""
-    first = pread_exact(fd, min(size, 9), 0)
-    if first[:4] == gguf.MAGIC:
-        buf = first + pread_exact(fd, min(size, 1 << 20) - len(first), len(first))
-        while True:
-            try:
-                gguf.parse(buf, size)
-                return buf
-            except FormatError:
-                return buf
-            except gguf.NeedMore as e:
-                want = min(size, max(e.need, 2 * len(buf)))
-                buf += pread_exact(fd, want - len(buf), len(buf))
-    try:
-        n = st.header_length(first[:8], size)
-    except FormatError:
-        return first
-    return first[:8] + pread_exact(fd, n, 8)
 
 
 def open_regular(path: Path, expect: os.stat_result | None = None) -> int:

@@ -120,7 +120,8 @@ class TensorEntry:
     shape: list[int]
     start: int
     end: int
-    #: blake3 over the tensor's chunk hashes: equal tensors have equal digests
+    #: blake3 over the tensor's chunk hashes: equal tensors have equal digests ("" for a tensor
+    #: chunked together with its neighbours in a run of tiny ones)
     digest: str
 
 
