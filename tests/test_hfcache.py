@@ -151,3 +151,66 @@ def test_a_download_through_the_writable_mount_leaves_the_hub_layout(hub, models
     du = {u["name"]: u for u in json.loads(zipfs("du", "--json").out)}
     assert du[FOLDER]["files"] == len(os.listdir(hub / FOLDER / "blobs")) + 2  # refs/main, the tree listing
     assert zipfs("verify").code == 0
+
+
+@pytest.mark.timeout(120)
+def test_hints_never_read_a_fifo_or_outside_the_tree(hub, models, zipfs, tmp_path):
+    """refs/main and the snapshot's config are read for base hints: a link to a FIFO outside the
+    tree, or a config that is a FIFO, is stored as what it is and never opened (ingest waited
+    forever on it)."""
+    repo = hub / FOLDER
+    outside = tmp_path / "outside-fifo"
+    os.mkfifo(outside)
+    (repo / "refs" / "main").unlink()
+    (repo / "refs" / "main").symlink_to(outside)
+    r = zipfs("ingest", str(hub))
+    assert r.code == 0 and "not followed" in r.out, r.err
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").symlink_to(models["sre"] / "model.safetensors")
+    os.mkfifo(plain / "config.json")
+    r = zipfs("ingest", str(plain), "--name", "plain")
+    assert r.code == 0 and "a FIFO" in r.out, r.err
+
+
+def test_a_model_dir_holding_a_repo_named_folder_is_a_model_not_a_cache(zipfs, tmp_path):
+    """Only a directory of repo folders (and what a cache keeps beside them) is a hub cache; a
+    model directory with a models--a--b folder inside stays one model, its files in it."""
+    src = tmp_path / "mydir"
+    (src / "models--a--b").mkdir(parents=True)
+    (src / "models--a--b" / "readme").write_text("not a cache\n")
+    (src / "config.json").write_text('{"model_type": "bert"}')
+    assert zipfs("ingest", str(src), "--name", "mydir").code == 0
+    assert list(json.loads(zipfs("stats", "--json").out)["models"]) == ["mydir"]
+    listed = sorted(line.split()[0] for line in zipfs("ls").out.splitlines())
+    assert listed == ["mydir/", "mydir/config.json", "mydir/models--a--b/", "mydir/models--a--b/readme"]
+
+
+def test_hub_ids_name_the_same_thing_everywhere_and_never_collide(hub, models, zipfs, tmp_path):
+    assert zipfs("ingest", str(hub)).code == 0
+    assert zipfs("ingest", str(models["sre"]), "--name", RID, "--no-delta").code == 0  # a plain org/name too
+    stats = json.loads(zipfs("stats", "--json").out)["models"]
+    assert {m["display_name"] for m in stats.values()} == {RID, FOLDER}  # the repo folder keeps its path
+    du = {u["name"]: u["display_name"] for u in json.loads(zipfs("du", "--json").out) if u["name"] in stats}
+    assert sorted(du.values()) == sorted([RID, FOLDER])
+    # a path that is in the store is that path; --base too
+    r = zipfs("ingest", str(models["sre"]), "--name", "t", "--base", RID)
+    assert r.code == 0 and f"base: {RID} (--base" in r.out and "sampled deltas 0.000" in r.out, r.out
+    assert zipfs("rm", RID).code == 0
+    # with the plain model gone, the hub id names the repo folder in every command
+    assert zipfs("verify", RID).out.startswith(f"{nb_files(models['minilm']) + 2} ok")  # refs, tree listing
+    assert zipfs("export", RID, str(tmp_path / "out")).code == 0
+    assert (tmp_path / "out" / "refs" / "main").read_text() == (hub / FOLDER / "refs" / "main").read_text()
+    assert zipfs("ls", f"{RID}/refs/main").out.startswith(f"{FOLDER}/refs/main ")
+    assert zipfs("rm", RID).code == 0
+    assert not any(line.startswith(FOLDER) for line in zipfs("ls").out.splitlines())  # .locks/ stays
+
+
+def test_a_file_named_like_a_repo_is_not_a_model(zipfs, store_path, tmp_path):
+    m = tmp_path / "m"
+    with mounted(store_path, m):
+        (m / "models--q--r").write_text("x\n")
+        r = subprocess.run(zipfs_cmd(store_path, "sync", "--wait", "--timeout", "60", str(m)),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert json.loads(zipfs("stats", "--json").out)["models"] == {}

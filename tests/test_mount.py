@@ -228,6 +228,28 @@ def test_a_non_empty_mount_point_is_refused_unless_nonempty(tmp_path):
     assert (m / ".hidden").read_text() == "mine"
 
 
+def test_a_link_to_a_live_mount_and_a_store_inside_the_mount_point_are_refused(tmp_path):
+    """ismount does not follow links: a second mount through a link to a live one stacked two
+    mounts; a store created inside its own mount point would be hidden by the mount."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    m, link, inner = tmp_path / "m", tmp_path / "link", tmp_path / "inner"
+    link.symlink_to(m)
+    inner.mkdir()
+
+    def mount(store: Path, at: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(zipfs_cmd(store, "mount", str(at), *extra), env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    r = mount(inner / "store", inner)
+    assert r.returncode == 1 and "inside mount point" in r.stderr and not os.path.ismount(inner), r.stderr
+    assert os.listdir(inner) == []  # no store was created there
+    with mounted(tmp_path / "s1", m):
+        for extra in ([], ["--nonempty"]):
+            r = mount(tmp_path / "s2", link, *extra)
+            assert r.returncode == 1 and "already a mount point" in r.stderr, r.stderr
+        assert sum(line.split()[1] == str(m) for line in Path("/proc/mounts").read_text().splitlines()) == 1
+
+
 def test_systemd_notify_ready(family_store, tmp_path):
     """Under systemd (Type=notify) the mount sends READY=1 once it is live."""
     import socket

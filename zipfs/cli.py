@@ -11,11 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-import lmdb
 from tqdm import tqdm
 
 from zipfs.codec.chunk import DEFAULT_LEVEL
-from zipfs.errors import NotFoundError, ZipfsError
+from zipfs.errors import ZipfsError
 from zipfs.ingest.ingester import FileReport, Ingester
 from zipfs.read import export as export_mod
 from zipfs.read.reader import Reader
@@ -85,19 +84,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _path_or_repo(store: Store, txn: lmdb.Transaction, path: str) -> str:
-    """path, or the hub repo folder it names as a hub id ('org/name' -> 'models--org--name')."""
-    from zipfs.store import inodes
+def _located(store: Store, paths: list[str]) -> list[str]:
+    """Each path as stored: hub ids ('org/name/...') name their repo folders, as `ls` shows them;
+    a path that is in the store as typed, or nowhere, is left as it is (the command says)."""
+    from zipfs.store import models
 
-    try:
-        inodes.resolve(store, txn, path)
-        return path
-    except NotFoundError as e:
-        try:
-            inodes.resolve(store, txn, hub.folder(path))
-        except ZipfsError:
-            raise e from None
-        return hub.folder(path)
+    out = []
+    with store.read() as txn:
+        for p in paths:
+            try:
+                out.append(models.locate(store, txn, names.normalize(p)))
+            except ZipfsError:
+                out.append(p)
+    return out
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -108,7 +107,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     with store, store.read() as txn:
         rows = []
         staged = journal.records(store, txn)
-        top = _path_or_repo(store, txn, args.path)
+        top = _located(store, [args.path])[0]
         for path, node in inodes.walk(store, txn, top, on_damage=lambda p, e: damaged.append(f"{p}: {e}")):
             mode = stat.filemode(node.mode)
             if node.is_dir:
@@ -144,7 +143,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
     with _open(args) as store:
         reader = Reader(store)
         try:
-            layout = reader.layout(args.path)
+            layout = reader.layout(_located(store, [args.path])[0])
             end = layout.size if args.length is None else min(layout.size, args.offset + args.length)
             out = sys.stdout.buffer
             for off in range(args.offset, end, 8 << 20):
@@ -158,7 +157,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     with _open(args) as store:
-        res = export_mod.export(Reader(store), args.name, Path(args.dir), on_entry=print)
+        res = export_mod.export(Reader(store), _located(store, [args.name])[0], Path(args.dir),
+                                on_entry=print)
     for n in res.notes:
         print(f"note: {n}", file=sys.stderr)
     for p in res.problems:
@@ -169,7 +169,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     bad = good = 0
     with _open(args) as store:
-        for r in export_mod.verify(Reader(store), args.names):
+        for r in export_mod.verify(Reader(store), _located(store, args.names)):
             if r.ok:
                 good += 1
                 if args.verbose:
@@ -276,7 +276,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"models (as ingested)\n  {'model':<36} {'base':<28} {'size':>10} {'added':>10} ratio")
         for m in sorted(s.models.values(), key=lambda m: m["display_name"]):
             size, new = m["size"] or 0, m["new_bytes"] or 0
-            base = hub.display(m["base"]) if m["base"] else "-"
+            base = s.models[m["base"]]["display_name"] if m["base"] in s.models else m["base"] or "-"
             print(f"  {m['display_name']:<36} {base:<28} {human(size):>10} {human(new):>10} "
                   f"{new / max(size, 1):.3f}")
     return 0
@@ -286,7 +286,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from zipfs.store.lifecycle import remove
 
     with _open(args) as store:
-        r = remove(store, args.names)
+        r = remove(store, _located(store, args.names))
     print(f"removed {r.files} files, {r.dirs} directories ({human(r.logical_bytes)})"
           + (f"; models: {', '.join(r.models)}" if r.models else ""))
     for base, deps in r.still_needed.items():

@@ -69,13 +69,17 @@ def sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
-def check_mountpoint(mnt: Path, nonempty: bool = False) -> None:
-    """Refuse a mount point that is not a directory, is mounted already, or (unless nonempty) has
-    entries: a mount over them would hide them without a word."""
+def check_mountpoint(mnt: Path, nonempty: bool = False, store: Path | None = None) -> None:
+    """Refuse a mount point that is not a directory, is mounted already, holds the store (the
+    mount would hide it from itself), or (unless nonempty) has entries: a mount over them would
+    hide them without a word."""
     if not mnt.is_dir():
         raise ZipfsError(f"mount point {mnt} is not a directory")
+    mnt = mnt.resolve()  # a link to a live mount is a live mount (ismount does not follow it)
     if os.path.ismount(mnt):
         raise ZipfsError(f"{mnt} is already a mount point (zipfs umount {mnt})")
+    if store is not None and store.resolve().is_relative_to(mnt):
+        raise ZipfsError(f"store {store} is inside mount point {mnt}: the mount would hide it")
     if not nonempty:
         try:
             with os.scandir(mnt) as entries:
@@ -166,7 +170,7 @@ def serve(opts: MountOptions, ready: Callable[[str], None] = lambda _: None) -> 
 
 
 def _serve_store(opts: MountOptions, ready: Callable[[str], None]) -> None:
-    check_mountpoint(opts.mountpoint, opts.nonempty)
+    check_mountpoint(opts.mountpoint, opts.nonempty, opts.store)
     store = Store(opts.store, create=not opts.read_only)
     with ExitStack() as stack:
         stack.callback(store.close)
@@ -222,7 +226,7 @@ def _run(ops: Operations, opts: MountOptions, ready: Callable[[str], None]) -> N
 
 def mount(opts: MountOptions) -> int:
     """Mount in the foreground, or fork a daemon and return once its mount is live."""
-    check_mountpoint(opts.mountpoint, opts.nonempty)
+    check_mountpoint(opts.mountpoint, opts.nonempty, opts.store)
     if opts.foreground:
         serve(opts)
         return 0

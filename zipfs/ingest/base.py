@@ -23,7 +23,7 @@ from zipfs.codec import widen
 from zipfs.errors import CorruptChunkError, ZipfsError
 from zipfs.formats import safetensors as st
 from zipfs.ingest import encoding, hubcache
-from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, open_regular, plan_fd
+from zipfs.ingest.plan import DEFAULT_CHUNK, chunk_ranges, open_regular, plan_fd, read_text_inside
 from zipfs.read.chunks import ChunkSource
 from zipfs.store import hub, inodes
 from zipfs.store import models as models_mod
@@ -141,16 +141,6 @@ NO_TENSORS = "no safetensors or GGUF tensors"
 _CARD_BASE = re.compile(r"^base_model:\s*(.*)$", re.M)
 
 
-def _read_inside(root: Path, path: Path) -> str:
-    """The text of path, following links only where they stay inside root ('' otherwise): a hub
-    snapshot's files are links to its blobs."""
-    try:
-        top, real = str(root.resolve()), path.resolve(strict=True)
-        return real.read_text(errors="replace") if os.path.commonpath([top, real]) == top else ""
-    except (OSError, RuntimeError):
-        return ""
-
-
 def metadata_hints(root: Path) -> list[str]:
     """Base model names a model directory declares about itself (a hub repo folder: its snapshots)."""
     dirs = [root, *(hubcache.snapshot_dirs(root) if hub.repo_of(str(root.resolve())) else [])]
@@ -161,12 +151,12 @@ def _declared(root: Path, d: Path) -> list[str]:
     hints: list[str] = []
     for fname, key in (("config.json", "_name_or_path"), ("adapter_config.json", "base_model_name_or_path")):
         try:
-            value = json.loads(_read_inside(root, d / fname)).get(key)
+            value = json.loads(read_text_inside(root, d / fname)).get(key)
         except (ValueError, AttributeError):
             continue
         if isinstance(value, str) and value:
             hints.append(value)
-    card = _read_inside(root, d / "README.md")
+    card = read_text_inside(root, d / "README.md")
     if card.startswith("---"):
         front = card.split("---", 2)[1] if card.count("---") >= 2 else ""
         m = _CARD_BASE.search(front)
@@ -252,7 +242,8 @@ def choose_base(store: Store, model: str, files: list[tuple[Path, str]], root: P
         models = models_mod.named(store, txn)
     models.pop(model, None)
     if forced is not None:
-        forced = next((m for m in models if forced in (m, hub.display(m))), forced)  # a path or hub id
+        if forced not in models and hub.folder(forced) in models:  # a path first, then a hub id
+            forced = hub.folder(forced)
         if forced not in models:
             raise ZipfsError(f"--base {forced}: no such model in the store")
         groups = [("--base", [forced])]

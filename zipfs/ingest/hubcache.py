@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from zipfs.ingest.plan import read_text_inside
 from zipfs.store import hub
 
 
@@ -36,9 +37,24 @@ def _repo_folders(path: Path) -> list[Path]:
         return []
 
 
+#: regular files a hub cache directory holds beside its repo folders (hidden ones such as a
+#: .lock too)
+_CACHE_FILES = {"CACHEDIR.TAG", "version.txt"}
+
+
 def is_cache(path: Path) -> bool:
-    """Whether path is a hub cache directory: one holding repo folders (not one itself)."""
-    return hub.repo_of(str(path.resolve())) is None and bool(_repo_folders(path))
+    """Whether path is a hub cache directory: one holding repo folders (not one itself) and no
+    regular file a cache does not hold. A model directory (a config, weights) that happens to
+    hold a folder named like a repo is a model: its files must not land at the store root."""
+    repos = _repo_folders(path)
+    if hub.repo_of(str(path.resolve())) is not None or not repos:
+        return False
+    try:
+        with os.scandir(path) as it:
+            files = [e.name for e in it if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return False
+    return all(n in _CACHE_FILES or n.startswith(".") for n in files)
 
 
 def units(src: Path, name: str | None) -> list[Unit]:
@@ -59,8 +75,5 @@ def snapshot_dirs(repo: Path) -> list[Path]:
         revs = sorted(p for p in (repo / "snapshots").iterdir() if p.is_dir() and not p.is_symlink())
     except OSError:
         return []
-    try:
-        main = (repo / "refs" / "main").read_text().strip()
-    except OSError:
-        main = ""
+    main = read_text_inside(repo, repo / "refs" / "main", 256).strip()
     return sorted(revs, key=lambda p: p.name != main)

@@ -13,13 +13,15 @@ from zipfs.formats import cdc, gguf
 from zipfs.formats import safetensors as st
 
 DEFAULT_CHUNK = 1 << 20
-#: a file no parser understands up to this size is one chunk (one zstd frame of it, as `zstd -3`
-#: makes): repeats further apart than a content-defined chunk (tokenizer.json and the like) are
-#: still found, and such files are read whole anyway
-SOLID_MAX = 16 << 20
+#: a file no parser understands up to this size (a content-defined chunk's largest) is one chunk:
+#: one zstd frame of it, as `zstd -3` makes, with nothing to cut. Larger ones are cut by content,
+#: so an edit to a tokenizer.json costs the chunks around it, not the file again
+SOLID_MAX = 2 << 20
 #: this many or more consecutive segments each under SMALL bytes (tiny tensors, their padding)
-#: are chunked together as bytes: one chunk per tiny tensor would cost more than the tensor
-SMALL, RUN_MIN = 64 << 10, 8
+#: are chunked together as bytes: one chunk per tiny tensor would cost more than the tensor.
+#: Tensors of a LoRA adapter (rank 8 x 2048 BF16: 32 KiB) keep chunks of their own, so they
+#: still code as planes and deltas
+SMALL, RUN_MIN = 4 << 10, 8
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,25 @@ def pread_exact(fd: int, n: int, off: int) -> bytes:
         parts.append(b)
         got += len(b)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def read_text_inside(root: Path, path: Path, limit: int = 1 << 20) -> str:
+    """Up to limit bytes of a small text file (a config, a model card, a ref) at path, following
+    links only where they stay inside root; '' for anything else (outside, not a regular file,
+    unreadable): reading hints must never wait on a FIFO or read what the tree points away to."""
+    try:
+        top, real = str(root.resolve()), path.resolve(strict=True)
+        if os.path.commonpath([top, real]) != top:
+            return ""
+        fd = open_regular(real, real.lstat())
+    except (OSError, RuntimeError, ZipfsError):
+        return ""
+    try:
+        return os.pread(fd, limit, 0).decode(errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def open_regular(path: Path, expect: os.stat_result | None = None) -> int:

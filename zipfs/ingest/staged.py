@@ -80,7 +80,7 @@ def ingest_staged(ing: Ingester, sid: int, ino: int, fd: int, size: int,
 
         report = ing.ingest_file(fd, path, commit, base_lookup=choice.lookup if choice.name else None,
                                  size=size)
-    founds = _carries_weights(path, report) or hub.repo_of(model_path) is not None
+    founds = _carries_weights(path, report) or (model.is_dir and hub.repo_of(model_path) is not None)
     _record_model(ing, model.ino, choice, report, founds)
     return StagedIngest(report, path, choice.name)
 

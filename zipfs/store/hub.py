@@ -10,6 +10,8 @@ mount can be HF_HUB_CACHE).
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 
 #: the cache directory's folder of lock files, one folder per repo named like the repo folder
 LOCKS = ".locks"
@@ -51,3 +53,12 @@ def display(path: str) -> str:
         return path
     parent = path.rstrip("/").rpartition("/")[0]
     return f"{rid} ({parent}/)" if parent else rid
+
+
+def displays(paths: Iterable[str]) -> dict[str, str]:
+    """Each path's display name, but a repo folder whose hub id another entry also shows (a
+    plain model stored as org/name, or datasets--x--y beside models--datasets--x--y) keeps its
+    path: two different models never show under one name."""
+    shown = {p: display(p) for p in paths}
+    seen = Counter(shown.values())
+    return {p: d if d == p or seen[d] == 1 else p for p, d in shown.items()}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import lmdb
 
-from zipfs.errors import NotFoundError
+from zipfs.errors import NotFoundError, ZipfsError
 from zipfs.store import hub, inodes, names
 from zipfs.store.records import DamagedRecord, key_u64, u64key
 
@@ -55,6 +55,28 @@ def get(store: Store, txn: lmdb.Transaction, ino: int) -> Model | None:
 
 def put(store: Store, txn: lmdb.Transaction, m: Model) -> None:
     store.put(txn, "models", u64key(m.ino), m.pack())
+
+
+def locate(store: Store, txn: lmdb.Transaction, path: str) -> str:
+    """path, or the same path below the hub repo folder its first components name as a hub id
+    ('org/name/refs/main' -> 'models--org--name/refs/main'): what a user types after `ls` shows
+    the repo as org/name. NotFoundError when neither exists."""
+    try:
+        inodes.resolve(store, txn, path)
+        return path
+    except NotFoundError as e:
+        missing = e
+    parts = path.strip("/").split("/")
+    for k in (2, 1, 3):  # org/name, a bare name, datasets/org/name
+        if k > len(parts):
+            continue
+        cand = "/".join([hub.folder("/".join(parts[:k])), *parts[k:]])
+        try:
+            inodes.resolve(store, txn, cand)
+        except ZipfsError:
+            continue
+        return cand
+    raise missing
 
 
 def home(store: Store, txn: lmdb.Transaction, node: inodes.Inode) -> inodes.Inode:

@@ -48,7 +48,8 @@ def compute(store: Store) -> Stats:
     stored: Counter[str] = Counter()
     with store.read() as txn:
         named = models.named(store, txn)
-        s.models = {name: {"display_name": hub.display(name),
+        shown = hub.displays(named)
+        s.models = {name: {"display_name": shown[name],
                            "base": inodes.describe(store, txn, m.base) if m.base else None, "size": 0,
                            "new_bytes": 0, "delta_chunks": m.delta_chunks, "reason": m.reason}
                     for name, m in named.items()}

@@ -62,7 +62,7 @@ def usage(store: Store) -> list[ModelUsage]:
         file_refs: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for path, rec in stored_files(store, txn):
             o = owner(path, model_names)
-            mu = out.setdefault(o, ModelUsage(o, hub.display(o)))
+            mu = out.setdefault(o, ModelUsage(o))
             mu.files += 1
             mu.logical += rec.size
             for cid in rec.chunk_ids.tolist():
@@ -88,8 +88,10 @@ def usage(store: Store) -> list[ModelUsage]:
             share[m] += w
         total = sum(share.values())
         for m, s in share.items():
-            mu = out.setdefault(m, ModelUsage(m, hub.display(m)))
+            mu = out.setdefault(m, ModelUsage(m))
             mu.shared_stored += cr.stored_len * s / total
             if s >= total - EPS:
                 mu.freed_by_rm += cr.stored_len
+    for name, shown in hub.displays(out).items():
+        out[name].display_name = shown
     return sorted(out.values(), key=lambda u: u.name)
