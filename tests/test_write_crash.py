@@ -930,12 +930,14 @@ def test_an_empty_file_made_by_mknod_survives_a_crash_during_its_first_write(tmp
 
 def test_a_reader_of_a_staged_file_still_reads_it_after_its_name_is_gone(models, tmp_path):
     """A descriptor open on a file keeps its bytes readable after an unlink or a rename over it
-    (POSIX), also while the file is staged and waits in the ingest queue (here behind a 90 MB
-    model, so it is not ingested meanwhile)."""
+    (POSIX), also while the file is staged and waits in the ingest queue (here behind two 90 MB
+    models, so it is not ingested meanwhile: behind one, a loaded machine ingested it before the
+    next file was even closed)."""
     store, m = tmp_path / "store", tmp_path / "m"
     data = (models["sre"] / "tokenizer.json").read_bytes()
     with mounted(store, m, log=tmp_path / "mount.log"):
-        (m / "big.safetensors").write_bytes((models["minilm"] / "model.safetensors").read_bytes())
+        for role in ("minilm", "sre"):
+            (m / f"{role}.safetensors").write_bytes((models[role] / "model.safetensors").read_bytes())
         for how in ("unlink", "rename"):
             (m / f"{how}.json").write_bytes(data)
             assert os.getxattr(m / f"{how}.json", "user.zipfs.state") == b"staged"
