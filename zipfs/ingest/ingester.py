@@ -1,8 +1,10 @@
 """Ingest files into a store: plan -> hash -> dedup -> encode (thread pool) -> one commit per file.
 
 A file is read in bounded windows with pread (a 20 GB sparse file costs a few MiB of memory,
-not a mapping of 20 GB), each byte once: the same bytes are hashed by chunk (BLAKE3, the
-content address), by file (sha256, in its own thread, in order) and encoded. Chunk payloads are
+not a mapping of 20 GB), each chunk once: the same bytes are hashed by chunk (BLAKE3, the
+content address), by file (sha256, in its own thread, in order) and encoded. Bytes cut at
+content-defined boundaries are read once more before that, in 16 MiB windows, to find the
+boundaries (the second read comes from the page cache). Chunk payloads are
 written in batches while the file is read; they carry no references until the file's final
 transaction, which adds the file version, every reference and (through the caller's `commit`)
 the inode that shows it, at once. A failed ingest deletes the chunks it wrote that nothing
