@@ -102,7 +102,7 @@ class _Cursor:
         return struct.unpack("<I", self.take(4, what))[0]
 
     def u64(self, what: str) -> int:
-        return struct.unpack("<Q", self.take(8, what))[0]
+        return _U64.unpack(self.take(8, what))[0]
 
     def count(self, what: str, min_each: int) -> int:
         """A u64 count of items of at least min_each bytes, bounded by what is left of the file."""
@@ -133,12 +133,13 @@ class _Cursor:
         raise AssertionError("take() raises past the end of its bytes")
 
 
-def _skip_value(cur: _Cursor, vtype: int, key: str, in_array: bool = False) -> None:
+def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
+    """Step over one metadata value (arrays of arrays are refused, as gguf.cpp does)."""
     if vtype in _FIXED:
         cur.take(_FIXED[vtype], f"value of {key!r}")
     elif vtype == _STRING:
         cur.string(f"string value of {key!r}")
-    elif vtype == _ARRAY and not in_array:
+    elif vtype == _ARRAY:
         etype = cur.u32(f"array type of {key!r}")
         if etype in _FIXED:
             n = cur.count(f"array length of {key!r}", _FIXED[etype])
@@ -188,7 +189,7 @@ def parse(buf: bytes | memoryview, file_size: int) -> Header:
     keys: set[str] = set()
     for _ in range(n_kv):
         key = _new_name(cur, keys, "metadata key")
-        vtype = cur.u32(f"type of {key}")
+        vtype = cur.u32(f"type of {key!r}")
         if key == "general.alignment":
             if vtype != _UINT32:
                 raise FormatError("general.alignment is not a uint32")

@@ -69,10 +69,18 @@ def _whole(size: int) -> list[st.Segment]:
     return [st.Segment(0, size, st.OPAQUE)] if size else []
 
 
-def _gguf_plan(name: str, size: int, header: gguf.Header | FormatError) -> FilePlan:
-    if isinstance(header, gguf.Header):
-        return FilePlan("gguf", "", st.segments(header, size))
-    note = f"not treated as GGUF: {header}" if name.endswith(".gguf") else ""
+def _gguf_plan(name: str, data: bytes | memoryview, size: int, can_read_more: bool = False) -> FilePlan:
+    """A GGUF file by tensor, or opaque with the reason when it is not valid GGUF. When data ends
+    before the header does: NeedMore if the caller can read more, else that is the reason."""
+    try:
+        return FilePlan("gguf", "", st.segments(gguf.parse(data, size), size))
+    except gguf.NeedMore:
+        if can_read_more:
+            raise
+        why: Exception = FormatError("header is larger than what was read")
+    except FormatError as e:
+        why = e
+    note = f"not treated as GGUF: {why}" if name.endswith(".gguf") else ""
     return FilePlan("opaque", note, _whole(size))
 
 
@@ -85,12 +93,7 @@ def plan_file(name: str, data: bytes | memoryview, size: int) -> FilePlan:
     (plan_fd reads as many as the header needs).
     """
     if name.endswith(".gguf") or bytes(data[:4]) == gguf.MAGIC:
-        try:
-            return _gguf_plan(name, size, gguf.parse(data, size))
-        except FormatError as e:
-            return _gguf_plan(name, size, e)
-        except gguf.NeedMore:
-            return _gguf_plan(name, size, FormatError("header is larger than what was read"))
+        return _gguf_plan(name, data, size)
     claimed = name.endswith(".safetensors")
     if not claimed and bytes(data[8:9]) != b"{":
         return FilePlan("opaque", "", _whole(size))
@@ -111,9 +114,7 @@ def plan_fd(fd: int, size: int, name: str) -> FilePlan:
         buf = first + pread_exact(fd, min(size, 1 << 20) - len(first), len(first))
         while True:
             try:
-                return _gguf_plan(name, size, gguf.parse(buf, size))
-            except FormatError as e:
-                return _gguf_plan(name, size, e)
+                return _gguf_plan(name, buf, size, can_read_more=True)
             except gguf.NeedMore as e:
                 want = min(size, max(e.need, 2 * len(buf)))
                 buf += pread_exact(fd, want - len(buf), len(buf))
