@@ -127,26 +127,28 @@ def _setup_logging(opts: MountOptions) -> None:
 
 
 async def _serve(ops: Operations, opts: MountOptions) -> None:
-    async with trio.open_nursery() as nursery:
-        for _ in range(ops.prefetchers):
-            nursery.start_soon(forever, "prefetch", ops.prefetch_worker)
-        if isinstance(ops, WritableOperations):
-            nursery.start_soon(forever, "background ingest", ops.ingest_worker)
+    ops.decoder.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            if isinstance(ops, WritableOperations):
+                nursery.start_soon(forever, "background ingest", ops.ingest_worker)
 
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("%s: unmounting", signal.Signals(signum).name)
-                    pyfuse3.terminate()
-                    return
+            async def on_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("%s: unmounting", signal.Signals(signum).name)
+                        pyfuse3.terminate()
+                        return
 
-        nursery.start_soon(on_signals)
-        if opts.readahead_kb:
-            nursery.start_soon(trio.to_thread.run_sync, set_readahead, opts.mountpoint, opts.readahead_kb)
-        await pyfuse3.main()
-        if isinstance(ops, WritableOperations):
-            ops.ingester.cancelled.set()  # an ingest in progress stops; its file stays staged
-        nursery.cancel_scope.cancel()
+            nursery.start_soon(on_signals)
+            if opts.readahead_kb:
+                nursery.start_soon(trio.to_thread.run_sync, set_readahead, opts.mountpoint, opts.readahead_kb)
+            await pyfuse3.main()
+            if isinstance(ops, WritableOperations):
+                ops.ingester.cancelled.set()  # an ingest in progress stops; its file stays staged
+            nursery.cancel_scope.cancel()
+    finally:
+        ops.decoder.close()
 
 
 def serve(opts: MountOptions, ready: Callable[[str], None] = lambda _: None) -> None:

@@ -1,10 +1,11 @@
 """pyfuse3 operations on trio: the read path and metadata; on their own, a read-only mount.
 zipfs.fs.writes adds the write path.
 
-One trio thread runs every handler, so nothing here blocks it: metadata reads and chunk decodes
-run in worker threads; a read whose chunks are all cached returns without awaiting. Concurrent
-readers of one chunk share one decode job. Prefetch (sequential read-ahead, and tensor-aware:
-the first read inside a tensor queues the rest of that tensor) runs in background tasks.
+One trio thread runs every handler, so nothing here blocks it: metadata reads run in worker
+threads, chunk decodes in the decoder's own (zipfs.fs.decoder); a read whose chunks are all
+cached returns without awaiting. Concurrent readers of one chunk share one decode job. Prefetch
+(sequential read-ahead, and tensor-aware: the first read inside a tensor queues the rest of that
+tensor) queues chunk ids for the decoder.
 
 Every handle of an inode shares one LiveFile: what that inode's bytes are now. While any handle
 is open the inode is pinned (zipfs.store.pins), so the version it reads survives rm, a rename
@@ -18,7 +19,6 @@ import errno
 import json
 import logging
 import os
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from zipfs.errors import CorruptChunkError, StoreError, ZipfsError
+from zipfs.errors import StoreError, ZipfsError
+from zipfs.fs.decoder import Decoder
 from zipfs.fs.guard import guarded
 from zipfs.fs.namespace import Namespace
 from zipfs.fs.versions import Version
@@ -92,26 +93,15 @@ class Handle:
     writable: bool = False
     #: the furthest offset a read of this handle reached (sequential detection)
     next_off: int = -1
+    #: how far sequential prefetch has queued this handle's chunks
+    queued_to: int = -1
     seen_tensors: set[int] = field(default_factory=set)
-
-
-class _Job:
-    """One in-flight chunk decode; every reader of that chunk waits on the same job."""
-
-    __slots__ = ("event", "result", "error")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.result: bytes | None = None
-        self.error: ZipfsError | None = None
 
 
 @dataclass
 class MountStats:
     reads: int = 0
     bytes_read: int = 0
-    prefetch_queued: int = 0
-    prefetch_decoded: int = 0
     eio: int = 0
 
 
@@ -136,25 +126,18 @@ class Operations(pyfuse3.Operations):
         self.pins = pins
         self.workers = workers
         self.limiter = trio.CapacityLimiter(workers)
-        #: prefetch decodes in its own threads: a demand read never waits for a prefetch's token.
-        #: Twice the workers, so one waiting for its payload to come off the disk leaves a core
-        #: to another
-        self.prefetchers = 2 * workers
-        self.prefetch_limiter = trio.CapacityLimiter(self.prefetchers)
+        #: twice the workers decode, so one waiting for its payload to come off the disk leaves a
+        #: core to another; the queue holds what half the cache holds
+        self.decoder = Decoder(source, 2 * workers, max(4, source.cache.capacity // (2 << 20)))
         #: staging files are read and written in their own threads: they wait on disks
         self.io_limiter = trio.CapacityLimiter(8)
         self.stats = MountStats()
         self.live: dict[int, LiveFile] = {}
         self._switching: dict[int, trio.Lock] = {}
-        self._inflight: dict[int, _Job] = {}
         self._served: dict[int, int] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
         self._next_fh = 1
-        self._prefetch_q: deque[int] = deque()
-        self._prefetch_set: set[int] = set()
-        self._prefetch_wake = trio.Event()
-        self._prefetch_max = max(4, source.cache.capacity // (2 << 20))
 
     # ---- helpers ----
 
@@ -286,8 +269,9 @@ class Operations(pyfuse3.Operations):
             "buffers_mapped": self.source.pool.mapped, "buffers_in_use": self.source.pool.in_use,
             "chunks_decoded": self.source.decoded, "bytes_decoded": self.source.decoded_bytes,
             "decode_seconds": round(self.source.decode_seconds, 3),
-            "prefetch_queued": self.stats.prefetch_queued, "prefetch_decoded": self.stats.prefetch_decoded,
-            "eio": self.stats.eio, "open_files": len(self._handles), "inflight": len(self._inflight),
+            "prefetch_queued": self.decoder.prefetch_queued,
+            "prefetch_decoded": self.decoder.prefetch_decoded,
+            "eio": self.stats.eio, "open_files": len(self._handles), "inflight": self.decoder.inflight,
             "workers": self.workers,
         }
 
@@ -487,7 +471,7 @@ class Operations(pyfuse3.Operations):
             data = self.cache.get(cid)
             try:
                 if data is None:
-                    data = await self._chunk(cid)
+                    data = await self.decoder.get(cid)
                 check_length(cid, data, n)
             except ZipfsError as e:
                 self.stats.eio += 1
@@ -496,7 +480,8 @@ class Operations(pyfuse3.Operations):
             parts.append(memoryview(data)[lo:hi])
             self._served_bytes(cid, hi - lo, n)
         self.stats.reads += 1
-        out = b"".join(parts)
+        # one chunk's slice goes to the kernel as it is (the slot stays referenced until replied)
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
         self.stats.bytes_read += len(out)
         self._plan_prefetch(h, layout, off, len(out))  # this layout: a write may have moved the file on
         return out
@@ -514,74 +499,29 @@ class Operations(pyfuse3.Operations):
             self._served.clear()
         self._served[cid] = served
 
-    async def _chunk(self, cid: int, limiter: trio.CapacityLimiter | None = None) -> bytes:
-        """Decoded chunk cid; concurrent callers share one decode job."""
-        job = self._inflight.get(cid)
-        if job is None:
-            job = self._inflight[cid] = _Job()
-            try:
-                job.result = await trio.to_thread.run_sync(self.source.get, cid,
-                                                            limiter=limiter or self.limiter)
-            except ZipfsError as e:
-                job.error = e
-            except Exception as e:  # noqa: BLE001 - every waiter gets an error, never nothing
-                log.exception("decoding chunk %d failed", cid)
-                job.error = StoreError(f"decoding chunk {cid} failed: {e}")
-            finally:
-                del self._inflight[cid]
-                job.event.set()
-        else:
-            await job.event.wait()
-        if job.error is not None:
-            raise job.error
-        if job.result is None:
-            raise CorruptChunkError(f"decoding chunk {cid} was cancelled")
-        return job.result
-
     # ---- prefetch ----
 
     def _queue_range(self, layout: FileLayout, start: int, end: int) -> None:
-        for cid, *_ in layout.extents(start, end - start):
-            if cid in self._prefetch_set or cid in self._inflight or cid in self.cache:
-                continue
-            self._prefetch_q.append(cid)
-            self._prefetch_set.add(cid)
-            self.stats.prefetch_queued += 1
-            if len(self._prefetch_q) > self._prefetch_max:  # stale entries go first
-                self._prefetch_set.discard(self._prefetch_q.popleft())
-        # wake every idle worker, then give later waits a fresh event
-        self._prefetch_wake.set()
-        self._prefetch_wake = trio.Event()
+        self.decoder.prefetch(cid for cid, *_ in layout.extents(start, end - start))
 
     def _plan_prefetch(self, h: Handle, layout: FileLayout, off: int, size: int) -> None:
         end = off + size
         # kernel readahead sends several requests at once and they complete in any order, so a
         # read counts as sequential when it starts near the furthest point read so far
         if h.next_off - SEQUENTIAL_SLACK <= off <= h.next_off and end < layout.size:
-            ahead = max(end, h.next_off)
-            self._queue_range(layout, ahead, min(layout.size, ahead + SEQUENTIAL_AHEAD))
+            ahead = max(end, h.next_off, h.queued_to)  # what earlier reads queued is not walked again
+            until = min(layout.size, max(end, h.next_off) + SEQUENTIAL_AHEAD)
+            if ahead < until:
+                self._queue_range(layout, ahead, until)
+                h.queued_to = until
+        else:
+            h.queued_to = -1
         h.next_off = max(h.next_off, end) if off <= h.next_off else end
         i = bisect.bisect_right(h.live.tensor_starts, off) - 1
         if i >= 0 and i not in h.seen_tensors and off < h.live.tensors[i].end:
             h.seen_tensors.add(i)
             t = h.live.tensors[i]
             self._queue_range(layout, end, min(t.end, end + TENSOR_PREFETCH_MAX))
-
-    async def prefetch_worker(self) -> None:
-        """Decode queued chunks into the cache; several of these run for the mount's lifetime."""
-        while True:
-            if not self._prefetch_q:
-                await self._prefetch_wake.wait()
-                continue
-            cid = self._prefetch_q.popleft()
-            self._prefetch_set.discard(cid)
-            if cid in self._inflight or cid in self.cache:
-                continue
-            try:
-                await self._chunk(cid, self.prefetch_limiter)
-                self.stats.prefetch_decoded += 1
-            except ZipfsError as e:  # a demand read of it reports the error to its reader
-                log.warning("prefetch of chunk %d failed: %s", cid, e)
 
     # ---- a read-only mount (zipfs.fs.writes adds the write path) ----
 

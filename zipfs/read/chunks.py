@@ -58,6 +58,20 @@ class ChunkSource:
             raise CorruptChunkError(f"base chunk {base_id} is shorter than a delta needs")
         return widen.widen(memoryview(base)[off:off + need], xform)
 
+    def advise(self, chunk_ids: list[int]) -> None:
+        """Start reading these chunks' payloads (and their bases') from disk now: a decode that
+        comes to them later finds them in the page cache instead of waiting on the disk."""
+        views = []
+        with self.store.read() as txn:
+            for cid in chunk_ids:
+                if cid in self.cache:
+                    continue
+                views.append(self.store.payload(txn, cid))
+                rec = self.store.chunk(txn, cid)
+                if rec.base and rec.base not in self.cache:
+                    views.append(self.store.payload(txn, rec.base))
+            self.store.willneed(*views)
+
     def _decode(self, chunk_id: int, allow_delta: bool) -> memoryview:
         with self.store.read() as txn:
             rec = self.store.chunk(txn, chunk_id)
