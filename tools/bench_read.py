@@ -7,13 +7,19 @@ Every cold measurement drops the page cache (as root) and remounts (an empty chu
 Medians of --runs runs; speeds are also given as ratios to the plain file read in the same run.
 
     .venv/bin/python tools/bench_read.py [--runs 5] [--model smollm|minilm] [--cache-size 512M]
+        [--parts workers,load]
 
 Measures: cold sequential read (1 MiB reads) through the mount, of the raw file, through
-squashfuse (mksquashfs -comp zstd); from_pretrained through the mount vs a plain directory
-(cold, in a fresh process each); random 4 KiB and 1 MiB read latency p50/p99 on a cold mount;
-peak RSS of the mount process next to --cache-size; cold sequential read while a background
-ingest runs (a model file just copied into the mount; SmolLM2: ft25, which is not stored, so it
-is really delta-coded), as a ratio to the idle read, with the copy's write throughput.
+squashfuse (mksquashfs -comp zstd); this machine's bound for the file, measured in the same run:
+cores / (core-seconds per GB that FUSE costs to serve bytes the mount already holds, mount and
+reader together + core-seconds per GB to decode the file's chunks in-process, one thread, page
+cache dropped), and the mount as a fraction of it; the CPU seconds per GB of the mount process and
+of the reading thread during the cold read; the mount with --workers 1 against the default;
+from_pretrained through the mount vs a plain directory (cold, in a fresh process each); random
+4 KiB and 1 MiB read latency p50/p99 on a cold mount; peak RSS of the mount process next to
+--cache-size; cold sequential read while a background ingest runs (a model file just copied into
+the mount; SmolLM2: ft25, which is not stored, so it is really delta-coded), as a ratio
+to the idle read, with the copy's write throughput.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ import fetch_models  # noqa: E402
 from zipfs.fs.process import mounted, unmount, wait_for, zipfs_cmd  # noqa: E402
 from zipfs.ingest.ingester import Ingester  # noqa: E402
 from zipfs.ingest.model import ingest_model  # noqa: E402
+from zipfs.read.cache import ChunkCache  # noqa: E402
+from zipfs.read.chunks import ChunkSource  # noqa: E402
+from zipfs.read.reader import Reader  # noqa: E402
 from zipfs.store.lmdb_store import Store  # noqa: E402
 
 LOAD = r"""
@@ -46,6 +55,9 @@ cls = AutoModelForCausalLM if sys.argv[2] == "causal" else AutoModel
 t = time.perf_counter(); m = cls.from_pretrained(sys.argv[1], dtype="auto"); dt = time.perf_counter() - t
 print(dt, float(sum(p.float().sum() for p in m.parameters())))
 """
+
+
+PARTS = ("workers", "load", "latency", "ingest")
 
 
 def drop_caches() -> None:
@@ -60,6 +72,54 @@ def read_all(path: Path, block: int = 1 << 20) -> float:
         while f.read(block):
             pass
     return time.perf_counter() - t0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def costed_read(path: Path, pid: int) -> tuple[float, float, float]:
+    """(bytes/s, mount core-s per GB, reader core-s per GB) of one sequential read of path."""
+    c0, t0 = cpu_seconds(pid), time.thread_time()
+    wall = read_all(path)
+    reader, mount = time.thread_time() - t0, cpu_seconds(pid) - c0
+    gbs = path.stat().st_size / 1e9
+    return gbs * 1e9 / wall, mount / gbs, reader / gbs
+
+
+def decode_cost(store_path: Path, name: str) -> float:
+    """Core-seconds per GB to decode every chunk of a stored file in this thread, page cache
+    dropped first: what the mount must at least spend on it besides moving bytes through FUSE."""
+    drop_caches()
+    with Store(store_path) as s:
+        source = ChunkSource(s, ChunkCache(512 << 20))
+        layout = Reader(s, source).layout(name)
+        t0 = time.thread_time()
+        for cid in layout.chunk_ids:
+            source.get(cid)
+            source.cache.demote(cid)
+        return (time.thread_time() - t0) / (layout.size / 1e9)
+
+
+def fuse_cost(work: Path, mount_opts: tuple[str, ...], size: int = 1 << 30) -> float:
+    """Core-seconds per GB, mount and reader together, to read a file whose one chunk the
+    mount holds decoded (a file of zeros): the price of FUSE itself."""
+    store, mnt, zeros = work / "zeros-store", work / "zeros-mnt", work / "zeros"
+    with open(zeros, "wb") as f:
+        f.truncate(size)
+    subprocess.run(zipfs_cmd(store, "ingest", str(zeros)), check=True, capture_output=True)
+    zeros.unlink()
+    costs = []
+    with mounted(store, mnt, *mount_opts) as proc:
+        read_all(mnt / "zeros")  # decodes the chunk into the mount's cache
+        for _ in range(3):
+            drop_caches()
+            _, mount, reader = costed_read(mnt / "zeros", proc.pid)
+            costs.append(mount + reader)
+    shutil.rmtree(store)
+    return statistics.median(costs)
 
 
 def status_kb(pid: int, field: str) -> int:
@@ -161,7 +221,12 @@ def main() -> None:
     ap.add_argument("--model", choices=["smollm", "minilm"], default="smollm")
     ap.add_argument("--cache-size", default="512M")
     ap.add_argument("--readahead-kb", type=int, default=1024)
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"what to measure besides the cold reads and the bound: {','.join(PARTS)}")
     args = ap.parse_args()
+    parts = set(args.parts.split(",")) - {""}
+    if parts - set(PARTS):
+        raise SystemExit(f"unknown parts: {', '.join(sorted(parts - set(PARTS)))}")
     if os.geteuid() != 0:
         raise SystemExit("bench_read drops the page cache and needs root")
     for tool in ("mksquashfs", "squashfuse", "fusermount3"):
@@ -201,78 +266,105 @@ def main() -> None:
         for name, src in members:
             shutil.copytree(src, famdir / name)
         mnt = work / "mnt"
+        name = f"{target}/model.safetensors"
         with squashfs(famdir, work) as (sq_mnt, sq_size):
             for run in range(args.runs):
                 print(f"run {run + 1}/{args.runs}", file=sys.stderr)
                 drop_caches()
                 add("raw", size / read_all(plain_file))
                 drop_caches()
-                add("squashfs", size / read_all(sq_mnt / target / "model.safetensors"))
-                drop_caches()
-                with mounted(store, mnt, *mount_opts) as proc:
-                    anon = AnonPeak(proc.pid)
-                    add("mount", size / read_all(mnt / target / "model.safetensors"))
-                    add("rss", status_kb(proc.pid, "VmHWM"))
-                    add("anon", anon.stop())
-                drop_caches()
-                add("load_plain", load_time(plain_dir, kind)[0])
-                drop_caches()
-                with mounted(store, mnt, *mount_opts) as proc:
-                    anon = AnonPeak(proc.pid)
-                    add("load_mount", load_time(mnt / target, kind)[0])
-                    add("rss", status_kb(proc.pid, "VmHWM"))
-                    add("anon", anon.stop())
-                drop_caches()
-                with mounted(store, mnt, *mount_opts) as proc:
-                    f = mnt / target / "model.safetensors"
-                    res.setdefault("lat4k", []).extend(latencies(f, 4096, 200, run))
-                    res.setdefault("lat1m", []).extend(latencies(f, 1 << 20, 50, run + 1000))
-                    add("rss", status_kb(proc.pid, "VmHWM"))
-                read_bps, write_bps, overlapped = read_during_ingest(
-                    store, mnt, ingest_src, Path(target) / "model.safetensors", mount_opts)
-                add("mount_ingesting", read_bps)
-                add("write", write_bps)
-                add("overlapped", overlapped)
-                drop_caches()
-                res.setdefault("raw4k", []).extend(latencies(plain_file, 4096, 200, run))
+                add("squashfs", size / read_all(sq_mnt / name))
+                for workers, key in ((None, "mount"), (1, "mount_w1")):
+                    if key == "mount_w1" and "workers" not in parts:
+                        continue
+                    drop_caches()
+                    opts = mount_opts if workers is None else (*mount_opts, "--workers", str(workers))
+                    with mounted(store, mnt, *opts) as proc:
+                        anon = AnonPeak(proc.pid)
+                        bps, mount_cpu, reader_cpu = costed_read(mnt / name, proc.pid)
+                        add(key, bps)
+                        add(f"{key}_cpu", mount_cpu)
+                        add(f"{key}_reader_cpu", reader_cpu)
+                        add("rss", status_kb(proc.pid, "VmHWM"))
+                        add("anon", anon.stop())
+                add("decode_cost", decode_cost(store, name))
+                add("fuse_cost", fuse_cost(work, mount_opts))
+                if "load" in parts:
+                    drop_caches()
+                    add("load_plain", load_time(plain_dir, kind)[0])
+                    drop_caches()
+                    with mounted(store, mnt, *mount_opts) as proc:
+                        anon = AnonPeak(proc.pid)
+                        add("load_mount", load_time(mnt / target, kind)[0])
+                        add("rss", status_kb(proc.pid, "VmHWM"))
+                        add("anon", anon.stop())
+                if "latency" in parts:
+                    drop_caches()
+                    with mounted(store, mnt, *mount_opts) as proc:
+                        f = mnt / name
+                        res.setdefault("lat4k", []).extend(latencies(f, 4096, 200, run))
+                        res.setdefault("lat1m", []).extend(latencies(f, 1 << 20, 50, run + 1000))
+                        add("rss", status_kb(proc.pid, "VmHWM"))
+                    drop_caches()
+                    res.setdefault("raw4k", []).extend(latencies(plain_file, 4096, 200, run))
+                if "ingest" in parts:
+                    read_bps, write_bps, overlapped = read_during_ingest(
+                        store, mnt, ingest_src, Path(name), mount_opts)
+                    add("mount_ingesting", read_bps)
+                    add("write", write_bps)
+                    add("overlapped", overlapped)
     med = {k: statistics.median(v) for k, v in res.items()}
     gb = 1e9
-    report = {
-        "file": f"{target}/model.safetensors", "size_mb": size / 1e6, "runs": args.runs,
+    cores = os.cpu_count() or 1
+    bound = cores / (med["fuse_cost"] + med["decode_cost"]) * gb
+    report: dict[str, object] = {
+        "file": name, "size_mb": size / 1e6, "runs": args.runs, "cores": cores,
         "cold_seq_mount_gbs": med["mount"] / gb, "cold_seq_raw_gbs": med["raw"] / gb,
         "cold_seq_squashfs_gbs": med["squashfs"] / gb,
         "mount_vs_raw": med["mount"] / med["raw"], "mount_vs_squashfs": med["mount"] / med["squashfs"],
-        "from_pretrained_mount_s": med["load_mount"], "from_pretrained_plain_s": med["load_plain"],
-        "from_pretrained_ratio": med["load_mount"] / med["load_plain"],
-        "rand4k_p50_ms": pct(res["lat4k"], 0.5) * 1e3, "rand4k_p99_ms": pct(res["lat4k"], 0.99) * 1e3,
-        "rand1m_p50_ms": pct(res["lat1m"], 0.5) * 1e3, "rand1m_p99_ms": pct(res["lat1m"], 0.99) * 1e3,
-        "raw_rand4k_p50_ms": pct(res["raw4k"], 0.5) * 1e3, "raw_rand4k_p99_ms": pct(res["raw4k"], 0.99) * 1e3,
+        "fuse_core_s_per_gb": med["fuse_cost"], "decode_core_s_per_gb": med["decode_cost"],
+        "bound_gbs": bound / gb, "mount_vs_bound": med["mount"] / bound,
+        "mount_core_s_per_gb": med["mount_cpu"], "reader_core_s_per_gb": med["mount_reader_cpu"],
         "peak_rss_mb": max(res["rss"]) / 1e6, "peak_anon_rss_mb": max(res["anon"]) / 1e6,
-        "cold_seq_during_ingest_gbs": med["mount_ingesting"] / gb,
-        "during_ingest_vs_idle": med["mount_ingesting"] / med["mount"],
-        "ingest_overlapped_reads": f"{sum(res['overlapped']):.0f}/{args.runs}",
-        "copy_in_write_gbs": med["write"] / gb,
-        "cache_size": args.cache_size,
-        "squashfs_image_mb": sq_size / 1e6,
+        "cache_size": args.cache_size, "squashfs_image_mb": sq_size / 1e6,
     }
+    rows = [("cold sequential read, GB/s", f"{med['mount'] / gb:.2f}", f"{med['raw'] / gb:.2f}",
+             f"{med['squashfs'] / gb:.2f}", f"{bound / gb:.2f}"),
+            ("mount / each", "1", f"{report['mount_vs_raw']:.2f}", f"{report['mount_vs_squashfs']:.2f}",
+             f"{report['mount_vs_bound']:.2f}"),
+            ("core-seconds per GB: mount process / reader",
+             f"{med['mount_cpu']:.2f} / {med['mount_reader_cpu']:.2f}", "", "", "")]
+    if "workers" in parts:
+        report |= {"cold_seq_mount_workers1_gbs": med["mount_w1"] / gb,
+                   "workers_default_vs_1": med["mount"] / med["mount_w1"]}
+        rows.append(("cold sequential read with --workers 1, GB/s (default / 1)",
+                     f"{med['mount_w1'] / gb:.2f} ({report['workers_default_vs_1']:.2f}x)", "", "", ""))
+    if "load" in parts:
+        report |= {"from_pretrained_mount_s": med["load_mount"], "from_pretrained_plain_s": med["load_plain"],
+                   "from_pretrained_ratio": med["load_mount"] / med["load_plain"]}
+        rows.append(("from_pretrained, s", f"{med['load_mount']:.2f}", f"{med['load_plain']:.2f}", "", ""))
+    if "latency" in parts:
+        ms = {f"{key}_p{p}": pct(res[key], p / 100) * 1e3
+              for key in ("lat4k", "lat1m", "raw4k") for p in (50, 99)}
+        report |= {f"rand_{k}_ms": v for k, v in ms.items()}
+        rows += [("random 4 KiB read p50 / p99, ms", f"{ms['lat4k_p50']:.2f} / {ms['lat4k_p99']:.2f}",
+                  f"{ms['raw4k_p50']:.2f} / {ms['raw4k_p99']:.2f}", "", ""),
+                 ("random 1 MiB read p50 / p99, ms", f"{ms['lat1m_p50']:.2f} / {ms['lat1m_p99']:.2f}",
+                  "", "", "")]
+    if "ingest" in parts:
+        report |= {"cold_seq_during_ingest_gbs": med["mount_ingesting"] / gb,
+                   "during_ingest_vs_idle": med["mount_ingesting"] / med["mount"],
+                   "ingest_overlapped_reads": f"{sum(res['overlapped']):.0f}/{args.runs}",
+                   "copy_in_write_gbs": med["write"] / gb}
+        during = f"{med['mount_ingesting'] / gb:.2f} ({report['during_ingest_vs_idle']:.2f}x idle)"
+        rows += [("cold sequential read while a copied-in file is ingested, GB/s", during, "", "", ""),
+                 ("copying a model file into the mount, GB/s", f"{med['write'] / gb:.2f}", "", "", "")]
+    rows.append((f"peak RSS of the mount, MB (cache {args.cache_size}): anonymous / with mapped store pages",
+                 f"{report['peak_anon_rss_mb']:.0f} / {report['peak_rss_mb']:.0f}", "", "", ""))
     print(json.dumps(report, indent=2))
-    print(f"\n| what | zipfs mount | plain file | squashfs |\n|---|---:|---:|---:|\n"
-          f"| cold sequential read, GB/s | {report['cold_seq_mount_gbs']:.2f} | "
-          f"{report['cold_seq_raw_gbs']:.2f} | {report['cold_seq_squashfs_gbs']:.2f} |\n"
-          f"| mount / baseline | 1 | {report['mount_vs_raw']:.2f} | {report['mount_vs_squashfs']:.2f} |\n"
-          f"| from_pretrained, s | {report['from_pretrained_mount_s']:.2f} | "
-          f"{report['from_pretrained_plain_s']:.2f} | |\n"
-          f"| random 4 KiB read p50 / p99, ms | {report['rand4k_p50_ms']:.2f} / "
-          f"{report['rand4k_p99_ms']:.2f} | {report['raw_rand4k_p50_ms']:.2f} / "
-          f"{report['raw_rand4k_p99_ms']:.2f} | |\n"
-          f"| random 1 MiB read p50 / p99, ms | {report['rand1m_p50_ms']:.2f} / "
-          f"{report['rand1m_p99_ms']:.2f} | | |\n"
-          f"| cold sequential read while a copied-in file is ingested, GB/s | "
-          f"{report['cold_seq_during_ingest_gbs']:.2f} ({report['during_ingest_vs_idle']:.2f}x idle) | | |\n"
-          f"| copying a model file into the mount, GB/s | {report['copy_in_write_gbs']:.2f} | | |\n"
-          f"| peak RSS of the mount, MB (cache {args.cache_size}): anonymous / with mapped store pages | "
-          f"{report['peak_anon_rss_mb']:.0f} / {report['peak_rss_mb']:.0f} | | |")
-
+    print("\n| what | zipfs mount | plain file | squashfs | bound |\n|---|---:|---:|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 if __name__ == "__main__":
     main()
