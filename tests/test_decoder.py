@@ -42,7 +42,7 @@ def test_concurrent_readers_share_one_decode_and_get_the_exact_bytes(stored) -> 
     store, layout = stored
     source = ChunkSource(store, ChunkCache(256 << 20))
     want = {cid: bytes(Reader(store).source.get(cid)) for cid in layout.chunk_ids[:40]}
-    decoder = Decoder(source, threads=3, prefetch_max=64)
+    decoder = Decoder(source, threads=2, prefetch_max=64, demand_threads=1)
 
     async def readers():
         got: dict[tuple[int, int], bytes] = {}
@@ -110,3 +110,23 @@ def test_a_damaged_chunk_is_an_error_for_each_reader_and_the_threads_go_on(store
     errors, data = run(decoder, readers)
     assert len(errors) == 3 and all(f"chunk {bad}" in e for e in errors), errors
     assert data == bytes(Reader(store).source.get(good))
+
+
+def test_a_failing_read_ahead_neither_loses_the_decode_nor_a_thread(stored, monkeypatch) -> None:
+    store, layout = stored
+    source = ChunkSource(store, ChunkCache(256 << 20))
+
+    def advise(ids: list[int]) -> None:
+        raise OSError(5, "Input/output error")  # posix_fadvise on a failing disk
+
+    monkeypatch.setattr(source, "advise", advise)
+    decoder = Decoder(source, threads=1, prefetch_max=64)
+    ids = list(dict.fromkeys(layout.chunk_ids))[:8]
+
+    async def reads():
+        decoder.prefetch(ids[1:])  # queued behind the demand read: its payloads get read ahead
+        with trio.fail_after(30):
+            return [bytes(await decoder.get(cid)) for cid in ids]
+
+    got = run(decoder, reads)
+    assert got == [bytes(Reader(store).source.get(cid)) for cid in ids]

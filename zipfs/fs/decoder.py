@@ -44,14 +44,20 @@ class Decoder:
     for chunks a read will need. Thread-safe queues, one lock; the trio thread never waits on
     anything but that lock's short sections."""
 
-    def __init__(self, source: ChunkSource, threads: int, prefetch_max: int) -> None:
+    def __init__(self, source: ChunkSource, threads: int, prefetch_max: int, demand_threads: int = 0) -> None:
         self.source = source
+        #: threads that take demand reads, then prefetch; and threads only for demand reads, so a
+        #: read that needs a chunk now never waits for prefetches to finish (a model loaded by
+        #: page faults jumps between tensors, each jump queueing a tensor's worth of prefetch)
         self.threads = threads
+        self.demand_threads = demand_threads
         #: queued prefetch ids beyond this drop the oldest (a reader that jumped away left them)
         self.prefetch_max = prefetch_max
         self.prefetch_queued = 0
         self.prefetch_decoded = 0
-        self._cv = threading.Condition()
+        lock = threading.Lock()
+        self._cv = threading.Condition(lock)  # threads that prefetch too wait here
+        self._demand_cv = threading.Condition(lock)  # demand-only threads here
         self._demand: deque[int] = deque()
         self._prefetch: deque[int] = deque()
         self._prefetch_set: set[int] = set()
@@ -66,8 +72,9 @@ class Decoder:
     def start(self) -> None:
         """Start the threads; call on the trio thread (its results are delivered there)."""
         self._token = trio.lowlevel.current_trio_token()
-        for i in range(self.threads):
-            t = threading.Thread(target=self._run, name=f"zipfs-decode-{i}", daemon=True)
+        for i in range(self.threads + self.demand_threads):
+            demand_only = i >= self.threads
+            t = threading.Thread(target=self._run, args=(demand_only,), name=f"zipfs-decode-{i}", daemon=True)
             t.start()
             self._workers.append(t)
 
@@ -75,8 +82,13 @@ class Decoder:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        for t in self._workers:
-            t.join()
+            self._demand_cv.notify_all()
+        for t in self._workers:  # the store closes after this: no decode may still be using it
+            while t.is_alive():
+                try:
+                    t.join()
+                except KeyboardInterrupt:  # a second Ctrl-C: we are stopping already
+                    continue
 
     @property
     def inflight(self) -> int:
@@ -89,6 +101,7 @@ class Decoder:
             if job is None:
                 job = self._jobs[cid] = _Job()
                 self._demand.append(cid)
+                self._demand_cv.notify()  # and one of the others, in case those are all busy
                 self._cv.notify()
             job.waiters += 1
         await job.event.wait()
@@ -110,12 +123,14 @@ class Decoder:
                 self._prefetch_set.add(cid)
                 added += 1
                 if len(self._prefetch) > self.prefetch_max:
-                    self._prefetch_set.discard(self._prefetch.popleft())
+                    stale = self._prefetch.popleft()
+                    self._prefetch_set.discard(stale)
+                    self._advised.discard(stale)
             if added:
                 self.prefetch_queued += added
                 self._cv.notify(added)
 
-    def _next(self) -> tuple[int, _Job, bool, list[int]] | None:
+    def _next(self, demand_only: bool) -> tuple[int, _Job, bool, list[int]] | None:
         """The next (chunk id, job, is prefetch, queued ids to advise) to decode, waiting for
         one; None once closed."""
         with self._cv:
@@ -125,15 +140,16 @@ class Decoder:
                 if self._demand:
                     cid = self._demand.popleft()
                     return cid, self._jobs[cid], False, self._to_advise()
-                while self._prefetch:
+                while self._prefetch and not demand_only:
                     cid = self._prefetch.popleft()
                     self._prefetch_set.discard(cid)
                     self._advised.discard(cid)
                     if cid not in self._jobs and cid not in self.source.cache:
                         job = self._jobs[cid] = _Job()
                         return cid, job, True, self._to_advise()
-                self._advised.clear()
-                self._cv.wait()
+                if not self._prefetch:
+                    self._advised.clear()
+                (self._demand_cv if demand_only else self._cv).wait()
 
     def _to_advise(self) -> list[int]:
         """The first queued prefetch ids not yet advised, so their payloads come off the disk
@@ -145,30 +161,35 @@ class Decoder:
                 ids.append(cid)
         return ids
 
-    def _run(self) -> None:
-        while (item := self._next()) is not None:
+    def _run(self, demand_only: bool) -> None:
+        while (item := self._next(demand_only)) is not None:
             cid, job, prefetched, advise = item
-            if advise:
-                try:
-                    self.source.advise(advise)
-                except ZipfsError:  # damage is reported by the decode of that chunk, to its reader
-                    pass
             try:
-                job.result = self.source.get(cid)
-            except ZipfsError as e:
-                job.error = e
-                if prefetched:  # a demand read of it reports the error to its reader
-                    log.warning("prefetch of chunk %d failed: %s", cid, e)
-            except Exception as e:  # noqa: BLE001 - every waiter gets an error, never nothing
-                log.exception("decoding chunk %d failed", cid)
-                job.error = StoreError(f"decoding chunk {cid} failed: {e}")
-            with self._cv:
-                del self._jobs[cid]
-                waited = job.waiters > 0
-                if prefetched and job.error is None:
-                    self.prefetch_decoded += 1
-            if waited:
-                try:
-                    self._token.run_sync_soon(job.event.set)
-                except trio.RunFinishedError:  # the mount is shutting down: nobody to wake
-                    pass
+                self._decode(cid, job, prefetched, advise)
+            finally:  # whatever happened, the job ends and its waiters wake
+                with self._cv:
+                    del self._jobs[cid]
+                    waited = job.waiters > 0
+                    if prefetched and job.error is None:
+                        self.prefetch_decoded += 1
+                if waited:
+                    try:
+                        self._token.run_sync_soon(job.event.set)
+                    except trio.RunFinishedError:  # the mount is shutting down: nobody to wake
+                        pass
+
+    def _decode(self, cid: int, job: _Job, prefetched: bool, advise: list[int]) -> None:
+        if advise:
+            try:
+                self.source.advise(advise)
+            except Exception as e:  # noqa: BLE001 - only a hint; the decode of each reports damage
+                log.debug("reading ahead chunks %s: %s", advise[:4], e)
+        try:
+            job.result = self.source.get(cid)
+        except ZipfsError as e:
+            job.error = e
+            if prefetched:  # a demand read of it reports the error to its reader
+                log.warning("prefetch of chunk %d failed: %s", cid, e)
+        except BaseException as e:  # noqa: BLE001 - every waiter gets an error, never nothing
+            log.exception("decoding chunk %d failed", cid)
+            job.error = StoreError(f"decoding chunk {cid} failed: {e}")

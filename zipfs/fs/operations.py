@@ -48,6 +48,8 @@ ENTRY_TIMEOUT = 1.0
 TENSOR_PREFETCH_MAX = 64 << 20
 #: sequential read-ahead, in bytes, once a handle reads sequentially
 SEQUENTIAL_AHEAD = 8 << 20
+#: the stretch right after the furthest read that each sequential read queues again
+SEQUENTIAL_REQUEUE = 2 << 20
 #: how far behind the furthest read a read may start and still count as sequential
 SEQUENTIAL_SLACK = 4 << 20
 #: chunks whose served bytes are counted at once (see Operations._served_bytes)
@@ -93,8 +95,9 @@ class Handle:
     writable: bool = False
     #: the furthest offset a read of this handle reached (sequential detection)
     next_off: int = -1
-    #: how far sequential prefetch has queued this handle's chunks
+    #: how far sequential prefetch has queued this handle's chunks, in which layout
     queued_to: int = -1
+    queued_layout: FileLayout | None = None
     seen_tensors: set[int] = field(default_factory=set)
 
 
@@ -126,9 +129,10 @@ class Operations(pyfuse3.Operations):
         self.pins = pins
         self.workers = workers
         self.limiter = trio.CapacityLimiter(workers)
-        #: twice the workers decode, so one waiting for its payload to come off the disk leaves a
-        #: core to another; the queue holds what half the cache holds
-        self.decoder = Decoder(source, 2 * workers, max(4, source.cache.capacity // (2 << 20)))
+        #: twice the workers decode and prefetch, so one waiting for its payload to come off the
+        #: disk leaves a core to another, and as many again only for demand reads; the prefetch
+        #: queue holds what half the cache holds
+        self.decoder = Decoder(source, 2 * workers, max(4, source.cache.capacity // (2 << 20)), workers)
         #: staging files are read and written in their own threads: they wait on disks
         self.io_limiter = trio.CapacityLimiter(8)
         self.stats = MountStats()
@@ -509,11 +513,17 @@ class Operations(pyfuse3.Operations):
         # kernel readahead sends several requests at once and they complete in any order, so a
         # read counts as sequential when it starts near the furthest point read so far
         if h.next_off - SEQUENTIAL_SLACK <= off <= h.next_off and end < layout.size:
-            ahead = max(end, h.next_off, h.queued_to)  # what earlier reads queued is not walked again
-            until = min(layout.size, max(end, h.next_off) + SEQUENTIAL_AHEAD)
-            if ahead < until:
-                self._queue_range(layout, ahead, until)
-                h.queued_to = until
+            near = max(end, h.next_off)
+            until = min(layout.size, near + SEQUENTIAL_AHEAD)
+            if h.queued_layout is not layout:
+                h.queued_to, h.queued_layout = -1, layout
+            # the far part of the window only once; the near part again, since what was queued
+            # there may have been dropped from the queue or evicted before it was read
+            self._queue_range(layout, near, min(until, near + SEQUENTIAL_REQUEUE))
+            start = max(near + SEQUENTIAL_REQUEUE, h.queued_to)
+            if start < until:
+                self._queue_range(layout, start, until)
+            h.queued_to = max(h.queued_to, until)
         else:
             h.queued_to = -1
         h.next_off = max(h.next_off, end) if off <= h.next_off else end
