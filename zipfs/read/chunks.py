@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import lmdb
 import numpy as np
 
 from zipfs.codec import chunk as codec
@@ -13,7 +14,7 @@ from zipfs.errors import CorruptChunkError
 from zipfs.read._slots import Pool, Slot
 from zipfs.read.cache import ChunkCache
 from zipfs.store.lmdb_store import Store
-from zipfs.store.records import FRAME, VERBATIM
+from zipfs.store.records import FRAME, VERBATIM, ChunkRecord
 
 DEFAULT_CACHE = 256 << 20
 #: pooled buffer size: the ingest's chunk size. Larger chunks, and chunks under half a slot (they
@@ -64,21 +65,23 @@ class ChunkSource:
         views = []
         with self.store.read() as txn:
             for cid in chunk_ids:
-                if cid in self.cache:
-                    continue
-                views.append(self.store.payload(txn, cid))
-                rec = self.store.chunk(txn, cid)
-                if rec.base and rec.base not in self.cache:
-                    views.append(self.store.payload(txn, rec.base))
+                if cid not in self.cache:
+                    views += self._payloads(txn, cid)[1]
             self.store.willneed(*views)
+
+    def _payloads(self, txn: lmdb.Transaction, chunk_id: int) -> tuple[ChunkRecord, list[memoryview]]:
+        """A chunk's record and the payloads its decode reads: its own, and its base's unless
+        that is cached."""
+        rec = self.store.chunk(txn, chunk_id)
+        views = [self.store.payload(txn, chunk_id)]
+        if rec.base and rec.base not in self.cache:
+            views.append(self.store.payload(txn, rec.base))
+        return rec, views
 
     def _decode(self, chunk_id: int, allow_delta: bool) -> memoryview:
         with self.store.read() as txn:
-            rec = self.store.chunk(txn, chunk_id)
             # start reading this payload (and its base's) from disk before decoding either
-            views = [self.store.payload(txn, chunk_id)]
-            if rec.base and rec.base not in self.cache:
-                views.append(self.store.payload(txn, rec.base))
+            rec, views = self._payloads(txn, chunk_id)
             self.store.willneed(*views)
         base = None
         if rec.base:  # fetched first: one read transaction per thread at a time
