@@ -32,6 +32,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_read  # noqa: E402
+
 from zipfs.fs.process import mounted, zipfs_cmd  # noqa: E402
 from zipfs.store.lmdb_store import Store  # noqa: E402
 
@@ -42,8 +45,7 @@ FILES_PER_DIR = 1000
 
 def drop_caches() -> None:
     if os.geteuid() == 0:
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        bench_read.drop_caches()
 
 
 def make_tree(root: Path, files: int, seed: int) -> None:
@@ -74,13 +76,6 @@ def meta_bytes(store: Path) -> tuple[int, int, dict[str, int]]:
     return sum(per.values()), payload, per
 
 
-def rss_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def measure(work: Path, chunks: int, files_max: int, runs: int) -> dict[str, float]:
     files = max(1, min(files_max, chunks // TENSORS_PER_FILE))
     src, store, mnt = work / "src", work / "store", work / "mnt"
@@ -106,8 +101,8 @@ def measure(work: Path, chunks: int, files_max: int, runs: int) -> dict[str, flo
                 if cmd is not None:
                     res.setdefault(f"{what}_s", []).append(timed([*cmd, str(mnt)]))
                     if what == "find":
-                        res.setdefault("mount_rss_mb", []).append(rss_kb(proc.pid, "VmRSS") / 1024)
-                        res.setdefault("mount_anon_mb", []).append(rss_kb(proc.pid, "RssAnon") / 1024)
+                        for key, field in (("mount_rss_mb", "VmRSS"), ("mount_anon_mb", "RssAnon")):
+                            res.setdefault(key, []).append(bench_read.status_kb(proc.pid, field) / 2**20)
                 else:
                     lat = []
                     for p in sample:
