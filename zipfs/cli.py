@@ -18,6 +18,8 @@ from zipfs.errors import ZipfsError
 from zipfs.ingest.ingester import FileReport, Ingester
 from zipfs.read import export as export_mod
 from zipfs.read.reader import Reader
+from zipfs.remote.commands import add_parsers as add_remote_parsers
+from zipfs.remote.commands import push_line
 from zipfs.store import hub, names
 from zipfs.store import stats as stats_mod
 from zipfs.store.lmdb_store import Store, default_store_path
@@ -32,7 +34,16 @@ def human(n: float) -> str:
 
 
 def _open(args: argparse.Namespace, create: bool = False) -> Store:
-    return Store(args.store or default_store_path(), create=create)
+    """The store, with its remote attached when it has one (payloads it lacks come from there)."""
+    from zipfs.remote.attach import open_remote
+
+    store = Store(args.store or default_store_path(), create=create)
+    try:
+        open_remote(store)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def _progress_bar(total: int) -> tqdm | None:
@@ -64,6 +75,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with _open(args, create=True) as store, store.ingest_lock(), Ingester(
         store, workers=args.workers, level=args.level, progress=bar.update if bar else None
     ) as ing:
+        if store.remote is not None:  # the bucket's models, as bases for these
+            from zipfs.remote.pull import sync
+
+            sync(store, store.remote)
+
         def on_file(r: FileReport) -> None:
             say(_file_line(r))
 
@@ -79,6 +95,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             base = hub.display(m.base.name) if m.base.name else "(none)"
             say(f"{hub.display(m.name)}: {human(m.size)} stored in {human(m.new_bytes)} new bytes "
                 f"({m.new_bytes / max(m.size, 1):.3f}); base: {base} ({m.base.reason})")
+            if store.remote is not None:
+                push_line(store, m.name, say)
     if bar:
         bar.close()
     return 0
@@ -448,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait", action="store_true", help="wait until every closed file is ingested")
     sp.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
 
+    add_remote_parsers(add)
+
     sp = add("umount", cmd_umount, "unmount a zipfs mount")
     sp.add_argument("mountpoint")
     sp.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when not busy")
@@ -481,7 +501,7 @@ def fstab_argv(argv: list[str]) -> list[str]:
 
 
 COMMANDS = {"ingest", "ls", "cat", "export", "verify", "stats", "rm", "gc", "fsck", "compact", "du",
-            "mount", "umount", "sync"}
+            "mount", "umount", "sync", "remote", "push", "pull"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -27,10 +28,13 @@ from zipfs.errors import ZipfsError
 from zipfs.fs.guard import forever
 from zipfs.fs.namespace import Namespace
 from zipfs.fs.operations import Operations
+from zipfs.fs.remote_sync import refresh_loop
 from zipfs.fs.writes import WritableOperations
 from zipfs.ingest.ingester import Ingester
 from zipfs.read.cache import ChunkCache
 from zipfs.read.chunks import ChunkSource
+from zipfs.remote.attach import open_remote
+from zipfs.remote.pull import sync
 from zipfs.store import staging
 from zipfs.store.lmdb_store import Store
 from zipfs.store.pins import Pins
@@ -141,6 +145,8 @@ async def _serve(ops: Operations, opts: MountOptions) -> None:
                         return
 
             nursery.start_soon(on_signals)
+            if ops.ns.store.remote is not None:
+                nursery.start_soon(forever, "remote sync", partial(refresh_loop, ops, ops.ns.store.remote))
             if opts.readahead_kb:
                 nursery.start_soon(trio.to_thread.run_sync, set_readahead, opts.mountpoint, opts.readahead_kb)
             await pyfuse3.main()
@@ -176,6 +182,12 @@ def _serve_store(opts: MountOptions, ready: Callable[[str], None]) -> None:
     store = Store(opts.store, create=not opts.read_only)
     with ExitStack() as stack:
         stack.callback(store.close)
+        remote = open_remote(store)
+        if remote is not None:  # the bucket's models are there when the mount is
+            try:
+                sync(store, remote)
+            except ZipfsError as e:
+                log.warning("cannot look at the bucket now (the mount will retry): %s", e)
         pins = Pins(store.path)
         stack.callback(pins.close)
         source = ChunkSource(store, ChunkCache(opts.cache_size))

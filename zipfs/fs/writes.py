@@ -109,6 +109,8 @@ class WritableOperations(Operations):
         self._space = trio.Event()
         self.ingest_limiter = trio.CapacityLimiter(1)
         self._bases: dict[int, BaseChoice] = {}
+        #: inodes whose new version background ingest stored (the remote's sync pushes their models)
+        self.stored_inos: set[int] = set()
         for sid, rec in sorted(recovered.items()):  # FIFO: oldest first
             v = self.versions[sid] = Version(sid, rec.ino, staging_path(self.store, sid), rec.size,
                                              acked_size=rec.size)
@@ -682,6 +684,11 @@ class WritableOperations(Operations):
         self._queue_wake.set()
         self._queue_wake = trio.Event()
 
+    @property
+    def ingest_idle(self) -> bool:
+        """Nothing staged waits for or is in background ingest."""
+        return not any(v.state in ("queued", "ingesting") for v in self.versions.values())
+
     async def ingest_worker(self) -> None:
         """Ingest closed, acknowledged versions one at a time, oldest first."""
         while True:
@@ -716,6 +723,7 @@ class WritableOperations(Operations):
             return
         self.versions.pop(v.sid, None)
         v.state = "stored"
+        self.stored_inos.add(v.ino)
         self.wstats.ingested_files += 1
         self.wstats.ingested_bytes += res.report.size
         log.info("%s: ingested, %d bytes stored in %d (base %s)", res.path, res.report.size,

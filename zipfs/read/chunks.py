@@ -70,12 +70,18 @@ class ChunkSource:
             self.store.willneed(*views)
 
     def _payloads(self, txn: lmdb.Transaction, chunk_id: int) -> tuple[ChunkRecord, list[memoryview]]:
-        """A chunk's record and the payloads its decode reads: its own, and its base's unless
-        that is cached."""
+        """A chunk's record and the local payloads its decode reads: its own, and its base's
+        unless that is cached; those only the store's remote has start being fetched."""
         rec = self.store.chunk(txn, chunk_id)
-        views = [self.store.payload(txn, chunk_id)]
-        if rec.base and rec.base not in self.cache:
-            views.append(self.store.payload(txn, rec.base))
+        views, far = [], []
+        for cid in (chunk_id, rec.base) if rec.base and rec.base not in self.cache else (chunk_id,):
+            view = self.store.local_payload(txn, cid)
+            if view is None:
+                far.append(cid)
+            else:
+                views.append(view)
+        if far:
+            self.store.prefetch_payloads(txn, far)
         return rec, views
 
     def _decode(self, chunk_id: int, allow_delta: bool) -> memoryview:

@@ -24,6 +24,7 @@ Tables (every value sealed with a checksum over table, key and value, but payloa
     staged     staging id -> journal row of a version written through a mount
     orphans    file id -> ino: versions no inode uses any more, kept while that ino is pinned
     xattrs     ino + name -> value (user extended attributes)
+    rindex, rpacks, rlocs, rmodels: what the store knows of its remote (zipfs.remote.tables)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from zipfs.store.writer import Writer
 
 SCHEMA_VERSION = 4
 TABLES = ("meta", "inodes", "dirents", "files", "chunks", "payloads", "chunkhash", "models", "staged",
-          "orphans", "xattrs")
+          "orphans", "xattrs", "rindex", "rpacks", "rlocs", "rmodels")
 #: tables of older schemas that an upgrade reads and then empties
 OLD_TABLES = ("ns",)
 DEFAULT_MAP_SIZE = 1 << 40  # a sparse reservation, not disk use
@@ -94,6 +95,8 @@ class Store:
                 dbdir.mkdir(mode=0o700, exist_ok=True)
             except OSError as e:
                 raise StoreError(f"cannot create store {self.path}: {e.strerror}") from None
+        #: the store's remote once attached (zipfs.remote.attach): payloads it lacks come from there
+        self.remote = None
         self._open_fd = self._open_lock(exclusive)
         try:
             if data.exists():
@@ -157,6 +160,9 @@ class Store:
         self._data_fd = -1
 
     def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
         self.close_environment()
         if self._open_fd >= 0:
             os.close(self._open_fd)
@@ -276,11 +282,26 @@ class Store:
                 continue
             yield k, value
 
-    def payload(self, txn: lmdb.Transaction, chunk_id: int) -> memoryview:
+    def local_payload(self, txn: lmdb.Transaction, chunk_id: int) -> memoryview | None:
+        """The payload in this store's own file, or None (it may be in the remote)."""
         raw = txn.get(u64key(chunk_id), db=self.db["payloads"])
-        if raw is None:
-            raise StoreError(f"payload of chunk {chunk_id} is missing from the store")
-        return self._in_file(raw)
+        return None if raw is None else self._in_file(raw)
+
+    def payload(self, txn: lmdb.Transaction, chunk_id: int) -> memoryview:
+        """The payload, from this store or else (fetched, blocking) from its remote."""
+        view = self.local_payload(txn, chunk_id)
+        if view is not None:
+            return view
+        if self.remote is not None:
+            data = self.remote.payload(txn, chunk_id)
+            if data is not None:
+                return memoryview(data)
+        raise StoreError(f"payload of chunk {chunk_id} is missing from the store")
+
+    def prefetch_payloads(self, txn: lmdb.Transaction, chunk_ids: list[int]) -> None:
+        """Start fetching these payloads, which this store lacks, from its remote."""
+        if self.remote is not None:
+            self.remote.prefetch(txn, chunk_ids)
 
     def payload_ids(self, txn: lmdb.Transaction, on_damage: OnDamage) -> Iterator[int]:
         """The chunk id of every payload (keys are not sealed: one that is not 8 bytes is damaged)."""

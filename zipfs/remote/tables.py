@@ -1,0 +1,73 @@
+"""What the local store knows of its remote, in LMDB tables of its own (sealed like the rest).
+
+    rindex   chunk hash -> the bucket entry of a chunk with those bytes (from pack indexes and
+             manifests): dedup across machines
+    rpacks   pack name -> b"" once its index is in rindex (an index is read once)
+    rlocs    local chunk id -> (pack, offset, length, payload xxh3) of that chunk's own payload in
+             the bucket: where to fetch it when the local store has no copy
+    rmodels  model name -> manifest version this store shows (imported or pushed)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import lmdb
+
+from zipfs.remote.config import RemoteError
+from zipfs.remote.layout import Entry
+from zipfs.store.lmdb_store import Store
+from zipfs.store.records import u64key
+
+_LOC = struct.Struct("<32sQQQ")
+
+
+def entry(store: Store, txn: lmdb.Transaction, h: bytes) -> Entry | None:
+    raw = store.get(txn, "rindex", h)
+    return None if raw is None else Entry.from_row(json.loads(raw), f"local index of chunk {h.hex()[:16]}")
+
+
+def put_entry(store: Store, txn: lmdb.Transaction, e: Entry) -> None:
+    """Remember e for its hash, a standalone entry over a delta (a base must be standalone)."""
+    key = bytes.fromhex(e.hash)
+    old = entry(store, txn, key)
+    if old is not None and (not old.base or e.base):
+        return
+    store.put(txn, "rindex", key, json.dumps(e.row(), separators=(",", ":")).encode())
+
+
+def usable(store: Store, txn: lmdb.Transaction, h: bytes) -> list[Entry] | None:
+    """The entries a manifest needs to read the chunk with hash h from the bucket (its own, and
+    its base's for a delta), or None when the bucket has no decodable copy of it."""
+    e = entry(store, txn, h)
+    if e is None:
+        return None
+    if not e.base:
+        return [e]
+    b = entry(store, txn, bytes.fromhex(e.base))
+    return None if b is None or b.base else [e, b]
+
+
+def location(store: Store, txn: lmdb.Transaction, chunk_id: int) -> tuple[str, int, int, int] | None:
+    raw = store.get(txn, "rlocs", u64key(chunk_id))
+    if raw is None:
+        return None
+    try:
+        pack, off, length, pcheck = _LOC.unpack(raw)
+    except struct.error:
+        raise RemoteError(f"the bucket location of chunk {chunk_id} is malformed") from None
+    return pack.hex(), off, length, pcheck
+
+
+def put_location(store: Store, txn: lmdb.Transaction, chunk_id: int, e: Entry) -> None:
+    store.put(txn, "rlocs", u64key(chunk_id), _LOC.pack(bytes.fromhex(e.pack), e.off, e.length, e.pcheck))
+
+
+def model_version(store: Store, txn: lmdb.Transaction, name: str) -> str | None:
+    raw = store.get(txn, "rmodels", name.encode("utf-8", "surrogateescape"))
+    return None if raw is None else raw.decode()
+
+
+def set_model_version(store: Store, txn: lmdb.Transaction, name: str, version: str) -> None:
+    store.put(txn, "rmodels", name.encode("utf-8", "surrogateescape"), version.encode())
