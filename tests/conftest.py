@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -95,3 +97,21 @@ def tiny_gguf(**over) -> bytes:
     head += kv + infos
     head += b"\0" * (-len(head) % 32)
     return head + bytes(range(256)) * over.get("data_256s", 1)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for the whole run, stopped at its end."""
+    from s3server import S3Server
+
+    with S3Server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def remote_url(s3, request, monkeypatch) -> str:
+    """A bucket prefix of this test's own, with the server's credentials in the environment."""
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:80]
+    return f"s3://{s3.bucket}/{name}-{os.getpid()}-{time.time_ns()}"

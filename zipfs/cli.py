@@ -304,7 +304,12 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from zipfs.store.lifecycle import remove
 
     with _open(args) as store:
-        r = remove(store, _located(store, args.names))
+        targets = _located(store, args.names)
+        r = remove(store, targets)
+        if store.remote is not None:
+            from zipfs.remote.commands import publish_removals
+
+            publish_removals(store, targets, print)
     print(f"removed {r.files} files, {r.dirs} directories ({human(r.logical_bytes)})"
           + (f"; models: {', '.join(r.models)}" if r.models else ""))
     for base, deps in r.still_needed.items():
@@ -317,6 +322,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from zipfs.store.lifecycle import gc
 
+    if args.remote:
+        from zipfs.remote.commands import gc_remote_command
+
+        return gc_remote_command(args)
     with _open(args) as store:
         r = gc(store)
     print(f"freed {r.files} removed file versions and {r.chunks} chunks, {human(r.bytes)} "
@@ -330,6 +339,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_fsck(args: argparse.Namespace) -> int:
     from zipfs.store.fsck import fsck
 
+    if args.remote:
+        from zipfs.remote.commands import fsck_remote_command
+
+        return fsck_remote_command(args)
     with _open(args) as store:
         r = fsck(store, scrub=args.scrub, repair=args.repair)
     for p in r.problems:
@@ -431,11 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("rm", cmd_rm, "remove files, directories or models (chunks are freed by gc)")
     sp.add_argument("names", nargs="+", metavar="NAME")
 
-    add("gc", cmd_gc, "free chunks nothing references (safe while mounted or ingesting)")
+    sp = add("gc", cmd_gc, "free chunks nothing references (safe while mounted or ingesting)")
+    sp.add_argument("--remote", action="store_true",
+                    help="collect the bucket instead: what no machine's newest manifest reads")
+    sp.add_argument("--grace", type=float, default=3600.0,
+                    help="with --remote: seconds an object must be old to go (default 3600)")
 
     sp = add("fsck", cmd_fsck, "check reference counts and records; --scrub decodes every chunk")
     sp.add_argument("--scrub", action="store_true", help="decode every chunk and check its checksum")
     sp.add_argument("--repair", action="store_true", help="fix reference counts and orphans")
+    sp.add_argument("--remote", action="store_true", help="check the bucket's manifests and packs instead")
 
     add("compact", cmd_compact, "shrink the store file to its live data (not while mounted)")
 

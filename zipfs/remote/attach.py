@@ -3,11 +3,14 @@ hooks through which the store reads a payload it has no local copy of."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import lmdb
 
 from zipfs.remote import config, tables
-from zipfs.remote.cache import Fetcher, PayloadCache
-from zipfs.remote.client import Bucket
+from zipfs.remote.cache import Fetcher, Location, PayloadCache
+from zipfs.remote.client import Bucket, MissingError
 from zipfs.store.lmdb_store import Store
 
 CACHE_DIR = "remote-cache"
@@ -19,11 +22,45 @@ class Remote:
         self.bucket = Bucket(cfg)
         self.cache = PayloadCache(store.path / CACHE_DIR, cfg.cache_bytes)
         self.fetcher = Fetcher(self.bucket, self.cache)
+        self._relocating = threading.Lock()
+        self._synced = 0.0
 
     def payload(self, txn: lmdb.Transaction, chunk_id: int) -> bytes | None:
-        """The chunk's payload from the cache or the bucket; None when the bucket has none."""
+        """The chunk's payload from the cache or the bucket; None when the bucket has none.
+
+        A pack that gc repacked is gone while manifests still name it: the chunk is then found
+        through the bucket's indexes, by its hash and payload checksum, and its location here
+        is corrected."""
         loc = tables.location(self.store, txn, chunk_id)
-        return None if loc is None else self.fetcher.get(loc)
+        if loc is None:
+            return None
+        try:
+            return self.fetcher.get(loc)
+        except MissingError:
+            moved = self._relocate(txn, chunk_id, loc)
+            if moved is None:
+                raise
+            return self.fetcher.get(moved)
+
+    def _relocate(self, txn: lmdb.Transaction, chunk_id: int, loc: Location) -> Location | None:
+        """Where the bucket's indexes now put the payload that was at loc (None: nowhere)."""
+        from zipfs.remote import layout
+        from zipfs.remote.push import sync_index
+
+        with self._relocating:
+            if time.monotonic() - self._synced > 1.0:
+                sync_index(self.store, self)
+                self._synced = time.monotonic()
+        h = self.store.chunk(txn, chunk_id).hash
+        with self.store.read() as now:
+            packs = [p for p in tables.packs_holding(self.store, now, h) if p != loc[0]]
+        for pack in packs:
+            key = layout.INDEX + pack
+            for e in layout.parse_index(self.bucket.get(key), key):
+                if e.hash == h.hex() and e.pcheck == loc[3] and e.length == loc[2]:
+                    self.store.writer.call(lambda w, e=e: tables.put_location(self.store, w, chunk_id, e))
+                    return (e.pack, e.off, e.length, e.pcheck)
+        return None
 
     def prefetch(self, txn: lmdb.Transaction, chunk_ids: list[int]) -> None:
         locs = [loc for cid in chunk_ids if (loc := tables.location(self.store, txn, cid)) is not None]

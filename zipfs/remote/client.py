@@ -33,6 +33,10 @@ class Listed:
     modified: datetime
 
 
+class MissingError(RemoteError):
+    """An object the caller expected is not in the bucket (deleted by gc, or never written)."""
+
+
 def _reason(e: BaseException) -> str:
     """The first line of obstore's message (the rest is a debug dump)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -88,7 +92,7 @@ class Bucket:
         try:
             data = bytes(obstore.get(self._s3, key).bytes())
         except FileNotFoundError:
-            raise RemoteError(f"remote {self.cfg.url}: {key} is missing from the bucket") from None
+            raise MissingError(f"remote {self.cfg.url}: {key} is missing from the bucket") from None
         except (BaseError, OSError) as e:
             raise self._fail("GET", key, e) from None
         self.bytes["get"] += len(data)
@@ -99,10 +103,29 @@ class Bucket:
         try:
             data = obstore.get_range(self._s3, key, start=start, length=length)
         except FileNotFoundError:
-            raise RemoteError(f"remote {self.cfg.url}: {key} is missing from the bucket") from None
+            raise MissingError(f"remote {self.cfg.url}: {key} is missing from the bucket") from None
         except (BaseError, OSError) as e:
             raise self._fail("GET", f"{key} [{start}, +{length})", e) from None
         return bytes(data)
+
+    def modified(self, key: str) -> datetime | None:
+        """When the object was last written, or None when it does not exist."""
+        self._count("head")
+        try:
+            return obstore.head(self._s3, key)["last_modified"]
+        except FileNotFoundError:
+            return None
+        except (BaseError, OSError) as e:
+            raise self._fail("HEAD", key, e) from None
+
+    def exists(self, key: str) -> bool:
+        return self.modified(key) is not None
+
+    def refresh(self, key: str, data: bytes) -> None:
+        """Store a content-addressed object, or rewrite it with the same bytes when it exists:
+        its age restarts, so gc's grace period covers this writer's use of it."""
+        if not self.put(key, data, create=True):
+            self.put(key, data)
 
     def list(self, prefix: str) -> Iterator[Listed]:
         """Every object under prefix (keys relative to the bucket prefix)."""

@@ -37,6 +37,27 @@ def push_line(store: Store, name: str, say: Say) -> None:
         say(f"note: {n}")
 
 
+def publish_removals(store: Store, targets: list[str], say: Say) -> None:
+    """After `zipfs rm`: a removed model is removed in the bucket too (a version saying so); a
+    model that lost some of its files is pushed again without them."""
+    from zipfs.remote import tables
+    from zipfs.remote.push import push_removal
+    from zipfs.store import names
+
+    remote = need_remote(store)
+    with store.read() as txn:
+        shown = {k.decode("utf-8", "surrogateescape") for k, _ in store.scan(txn, "rmodels")}
+    for t in (names.normalize(t) for t in targets):
+        for name in sorted(shown):
+            if name == t or name.startswith(t + "/"):
+                with store.read() as txn:
+                    if tables.model_version(store, txn, name) is None:
+                        continue
+                say(f"{name}: removed from {remote.cfg.url} (version {push_removal(store, remote, name)})")
+            elif t.startswith(name + "/"):
+                push_line(store, name, say)
+
+
 def cmd_remote(args: argparse.Namespace) -> int:
     from zipfs.cli import parse_size
 
@@ -89,6 +110,34 @@ def cmd_pull(args: argparse.Namespace) -> int:
             for name in args.names:
                 print(f"{name}: fetched {_human(fetch_all(store, remote, name))}")
     return 0
+
+
+def gc_remote_command(args: argparse.Namespace) -> int:
+    from zipfs.cli import _open
+    from zipfs.remote.gc import gc_remote
+
+    if args.grace < 0:
+        raise ZipfsError("--grace is a number of seconds, 0 or more")
+    with _open(args) as store:
+        r = gc_remote(need_remote(store).bucket, grace=args.grace)
+    print(f"bucket: deleted {r.versions} old manifest versions, {r.files} file manifests, {r.packs} packs "
+          f"({_human(r.freed_bytes)}); condemned {r.condemned}, repacked {r.repacked}, "
+          f"restored {r.restored}; "
+          f"{r.young} objects younger than {args.grace:.0f} s kept")
+    return 0
+
+
+def fsck_remote_command(args: argparse.Namespace) -> int:
+    from zipfs.cli import _open
+    from zipfs.remote.gc import fsck_remote
+
+    with _open(args) as store:
+        r = fsck_remote(need_remote(store).bucket, scrub=args.scrub)
+    for p in r.problems:
+        print(f"PROBLEM  {p}")
+    print(f"bucket: {r.models} models, {r.files} file manifests, {r.chunks} chunks, {r.packs} packs, "
+          f"{r.scrubbed} scrubbed, {len(r.problems)} problems")
+    return 1 if r.problems else 0
 
 
 def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:

@@ -42,13 +42,16 @@ class RemoteConfig:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
     def check(self) -> None:
+        if not all(isinstance(v, str) for v in (self.bucket, self.prefix, self.endpoint, self.region,
+                                                 self.writer)):
+            raise RemoteError("the remote's settings are malformed (set it again with 'zipfs remote set')")
         if not _BUCKET.match(self.bucket):
             raise RemoteError(f"{self.bucket!r} is not an S3 bucket name")
         if self.prefix.startswith("/") or "//" in self.prefix or len(self.prefix) > 256:
             raise RemoteError(f"bucket prefix {self.prefix!r} is malformed")
         if self.endpoint and urlparse(self.endpoint).scheme not in ("http", "https"):
             raise RemoteError(f"endpoint {self.endpoint!r} must start with https:// (or http://)")
-        if not isinstance(self.cache_bytes, int) or self.cache_bytes < 0:
+        if type(self.cache_bytes) is not int or self.cache_bytes < 0:
             raise RemoteError("the remote's cache size must be a number of bytes")
         if not re.fullmatch(r"[0-9a-f]{16}", self.writer):
             raise RemoteError("the remote's writer id is malformed")

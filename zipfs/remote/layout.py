@@ -196,17 +196,23 @@ class ModelManifest:
     reason: str
     #: {"path", "type", "mode", "uid", "gid", "mtime_ns", and "file" + "size" or "target"}
     entries: list[dict]
+    #: a removal: the name shows nothing from this version on
+    deleted: bool = False
 
     def encode(self) -> bytes:
         return encode({"name": self.name, "writer": self.writer, "created_ns": self.created_ns,
-                       "base": self.base, "reason": self.reason, "entries": self.entries})
+                       "base": self.base, "reason": self.reason, "entries": self.entries,
+                       "deleted": self.deleted})
 
     @classmethod
     def parse(cls, data: bytes, key: str) -> ModelManifest:
         obj = decode(data, key)
         m = cls(_field(obj, "name", str, key), _field(obj, "writer", str, key),
                 _field(obj, "created_ns", int, key), _field(obj, "base", str, key),
-                _field(obj, "reason", str, key), _field(obj, "entries", list, key))
+                _field(obj, "reason", str, key), _field(obj, "entries", list, key),
+                _field(obj, "deleted", bool, key))
+        if m.deleted and m.entries:
+            raise RemoteError(f"{key}: a removal with entries")
         if model_prefix(m.name) != key[:key.rfind("/") + 1]:
             raise RemoteError(f"{key}: it names model {m.name!r}, not the one its key does")
         for e in m.entries:
@@ -229,6 +235,11 @@ class ModelManifest:
             elif e["type"] == "link":
                 _field(e, "target", str, where)
         return m
+
+
+def is_name(text: str) -> bool:
+    """Whether text is a content address as packs, indexes and file manifests are named."""
+    return _HEX64.match(text) is not None
 
 
 def model_prefix(name: str) -> str:

@@ -110,6 +110,9 @@ def import_model(store: Store, remote: Remote, name: str, version: str) -> None:
             inodes.remove_tree(store, txn, name, now, rel)
         except NotFoundError:
             pass
+        if m.deleted:
+            tables.set_model_version(store, txn, name, version)
+            return
         made: dict[str, int] = {}
         files: dict[str, tuple[int, FileRecord]] = {}
         top = None

@@ -19,9 +19,11 @@ import blake3
 import lmdb
 import xxhash
 
+from zipfs import faults
 from zipfs.errors import ZipfsError
 from zipfs.remote import layout, tables
 from zipfs.remote.attach import Remote
+from zipfs.remote.client import MissingError
 from zipfs.remote.config import RemoteError
 from zipfs.remote.layout import FILES, INDEX, PACKS, Entry, FileManifest, ModelManifest
 from zipfs.store import inodes, models
@@ -49,16 +51,17 @@ class PushReport:
 
 
 def sync_index(store: Store, remote: Remote) -> int:
-    """Learn every pack index in the bucket not yet read here; how many were new."""
-    keys = [o.key for o in remote.bucket.list(INDEX)]
+    """Learn every pack index in the bucket not yet read here, and forget the packs whose index
+    left it (condemned by gc: their chunks must not be reused); how many indexes were new."""
+    listed = {o.key[len(INDEX):] for o in remote.bucket.list(INDEX) if layout.is_name(o.key[len(INDEX):])}
     with store.read() as txn:
-        new = [k for k in keys if len(k) == len(INDEX) + 64
-               and store.get(txn, "rpacks", bytes.fromhex(k[len(INDEX):])) is None]
-    if not new:
-        return 0
+        known = tables.known_packs(store, txn)
+    gone, new = known - listed, sorted(listed - known)
+    if gone:
+        store.writer.call(lambda txn: [tables.drop_pack(store, txn, p) for p in gone])
 
-    def read(key: str) -> list[Entry]:
-        return layout.parse_index(remote.bucket.get(key), key)
+    def read(pack: str) -> list[Entry]:
+        return layout.parse_index(remote.bucket.get(INDEX + pack), INDEX + pack)
 
     with ThreadPoolExecutor(INDEX_READERS) as pool:
         for i in range(0, len(new), 64):
@@ -66,10 +69,8 @@ def sync_index(store: Store, remote: Remote) -> int:
             found = list(pool.map(read, batch))
 
             def op(txn: lmdb.Transaction, batch=batch, found=found) -> None:
-                for key, entries in zip(batch, found, strict=True):
-                    for e in entries:
-                        tables.put_entry(store, txn, e)
-                    store.put(txn, "rpacks", bytes.fromhex(key[len(INDEX):]), b"")
+                for pack, entries in zip(batch, found, strict=True):
+                    tables.add_pack(store, txn, pack, entries)
 
             store.writer.call(op)
     return len(new)
@@ -116,11 +117,12 @@ def _upload(store: Store, remote: Remote, todo: list[int], report: PushReport,
         remote.bucket.put(INDEX + name, layout.index_object(name, len(pack), [e for _, e in entries]),
                           create=True)
 
+        faults.point("push-pack")
+
         def op(txn: lmdb.Transaction) -> None:
+            tables.add_pack(store, txn, name, [e for _, e in entries])
             for cid, e in entries:
-                tables.put_entry(store, txn, e)
                 tables.put_location(store, txn, cid, e)
-            store.put(txn, "rpacks", bytes.fromhex(name), b"")
 
         store.writer.call(op)
         report.packs += 1
@@ -172,22 +174,11 @@ def _file_manifest(store: Store, txn: lmdb.Transaction, file_id: int) -> FileMan
                         rows)
 
 
-def push(store: Store, remote: Remote, name: str,
-         progress: Callable[[int], None] = lambda _: None) -> PushReport:
-    """Upload the model at name (a directory or one file) and publish a new manifest version."""
-    t0 = time.perf_counter()
-    report = PushReport(name)
-    sync_index(store, remote)
-    with store.read() as txn:
-        top, found = _model_files(store, txn, name)
-        cids: set[int] = set()
-        for _, node in found:
-            if node.is_reg:
-                cids.update(store.file(txn, node.content_id).chunk_ids.tolist())
-        todo = _needs_upload(store, txn, cids)
-        report.chunks, report.files = len(cids), sum(node.is_reg for _, node in found)
-    _upload(store, remote, todo, report, progress)
-    entries = []
+def _entries(store: Store, remote: Remote, name: str,
+             found: list) -> tuple[list[dict], set[str], dict[str, bytes]]:
+    """The model manifest's entries, the packs they read, and the file manifests (uploaded on
+    the way, or rewritten when the bucket had them: their age restarts, see Bucket.refresh)."""
+    entries, packs, written = [], set(), {}
     with store.read() as txn:
         for rel, node in found:
             e = {"path": rel, "mode": stat.S_IMODE(node.mode), "uid": node.uid, "gid": node.gid,
@@ -196,26 +187,83 @@ def push(store: Store, remote: Remote, name: str,
                 e["type"] = "dir"
             elif node.is_link:
                 e.update(type="link", target=node.target.decode("utf-8", "surrogateescape"))
-            elif node.is_reg:
-                data = _file_manifest(store, txn, node.content_id).encode()
-                key = blake3.blake3(data).hexdigest()
-                remote.bucket.put(FILES + key, data, create=True)
-                e.update(type="file", file=key, size=node.size)
             else:
-                report.notes.append(f"{name}/{rel}: not a file, directory or link; not pushed")
-                continue
+                fm = _file_manifest(store, txn, node.content_id)
+                packs.update(c.pack for c in fm.chunks)
+                data = fm.encode()
+                key = blake3.blake3(data).hexdigest()
+                remote.bucket.refresh(FILES + key, data)
+                written[key] = data
+                e.update(type="file", file=key, size=node.size)
             entries.append(e)
+    return entries, packs, written
+
+
+def _still_indexed(remote: Remote, pack: str) -> bool:
+    """Whether the pack is still indexed (not condemned by gc); its index is rewritten so that
+    it is young again and gc leaves it alone for the grace period this push needs."""
+    try:
+        data = remote.bucket.get(INDEX + pack)
+    except MissingError:
+        return False
+    remote.bucket.put(INDEX + pack, data)
+    return True
+
+
+def publish(store: Store, remote: Remote, manifest: ModelManifest) -> str:
+    """Write a new version of the model's manifest: from now on other machines see it."""
+    version = layout.new_version(remote.cfg.writer)
+    manifest.created_ns = layout.version_ns(version)
+    remote.bucket.put(layout.model_prefix(manifest.name) + version, manifest.encode(), create=True)
+    store.writer.call(lambda txn: tables.set_model_version(store, txn, manifest.name, version))
+    return version
+
+
+def push(store: Store, remote: Remote, name: str,
+         progress: Callable[[int], None] = lambda _: None) -> PushReport:
+    """Upload the model at name (a directory or one file) and publish a new manifest version.
+
+    Before publishing, every pack the manifests read is checked to be still indexed: gc may have
+    condemned one whose chunks this push reused (it held only garbage until now). Those chunks
+    are uploaded again. gc deletes a condemned pack only a grace period later, and restores it
+    if a manifest written meanwhile reads it, so a push that publishes within the grace period
+    of its check never loses a chunk."""
+    t0 = time.perf_counter()
+    report = PushReport(name)
+    for _ in range(3):
+        sync_index(store, remote)
+        with store.read() as txn:
+            top, found = _model_files(store, txn, name)
+            found = [(rel, node) for rel, node in found if node.is_dir or node.is_link or node.is_reg]
+            cids: set[int] = set()
+            for _, node in found:
+                if node.is_reg:
+                    cids.update(store.file(txn, node.content_id).chunk_ids.tolist())
+            todo = _needs_upload(store, txn, cids)
+            report.chunks, report.files = len(cids), sum(node.is_reg for _, node in found)
+        _upload(store, remote, todo, report, progress)
+        entries, packs, written = _entries(store, remote, name, found)
+        gone = [p for p in sorted(packs) if not _still_indexed(remote, p)]
+        if not gone:
+            break
+        store.writer.call(lambda txn, gone=gone: [tables.drop_pack(store, txn, p) for p in gone])
+    else:
+        raise RemoteError(f"{name}: the bucket's gc keeps condemning packs this push reads; try again")
+    with store.read() as txn:
         m = models.get(store, txn, top.ino)
         base = ""
         if m is not None and m.base:
             bnode = inodes.find(store, txn, m.base)
             base = inodes.path_of(store, txn, bnode) if bnode is not None else ""
-    version = layout.new_version(remote.cfg.writer)
-    manifest = ModelManifest(name, remote.cfg.writer, layout.version_ns(version), base,
-                             m.reason if m is not None else "", entries)
-    remote.bucket.put(layout.model_prefix(name) + version, manifest.encode(), create=True)
-    store.writer.call(lambda txn: tables.set_model_version(store, txn, name, version))
-    report.version = version
+    report.version = publish(store, remote, ModelManifest(name, remote.cfg.writer, 0, base,
+                                                          m.reason if m is not None else "", entries))
+    for key, data in written.items():  # a gc that decided before the refresh may have taken one
+        if not remote.bucket.exists(FILES + key):
+            remote.bucket.put(FILES + key, data)
     report.seconds = time.perf_counter() - t0
     return report
 
+
+def push_removal(store: Store, remote: Remote, name: str) -> str:
+    """Publish that the model is gone (a version with no entries, marked deleted)."""
+    return publish(store, remote, ModelManifest(name, remote.cfg.writer, 0, "", "", [], deleted=True))

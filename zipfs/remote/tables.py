@@ -2,7 +2,8 @@
 
     rindex   chunk hash -> the bucket entry of a chunk with those bytes (from pack indexes and
              manifests): dedup across machines
-    rpacks   pack name -> b"" once its index is in rindex (an index is read once)
+    rpacks   pack name -> the hashes of its chunks, once its index is in rindex (read once; when
+             the index leaves the bucket, gc condemned the pack, and its entries leave rindex)
     rlocs    local chunk id -> (pack, offset, length, payload xxh3) of that chunk's own payload in
              the bucket: where to fetch it when the local store has no copy
     rmodels  model name -> manifest version this store shows (imported or pushed)
@@ -71,3 +72,37 @@ def model_version(store: Store, txn: lmdb.Transaction, name: str) -> str | None:
 
 def set_model_version(store: Store, txn: lmdb.Transaction, name: str, version: str) -> None:
     store.put(txn, "rmodels", name.encode("utf-8", "surrogateescape"), version.encode())
+
+
+def known_packs(store: Store, txn: lmdb.Transaction) -> set[str]:
+    return {k.hex() for k, _ in store.scan(txn, "rpacks")}
+
+
+def add_pack(store: Store, txn: lmdb.Transaction, pack: str, entries: list[Entry]) -> None:
+    """Remember a pack's index: its entries (for dedup) and which hashes it holds."""
+    for e in entries:
+        put_entry(store, txn, e)
+    store.put(txn, "rpacks", bytes.fromhex(pack), b"".join(bytes.fromhex(e.hash) for e in entries))
+
+
+def drop_pack(store: Store, txn: lmdb.Transaction, pack: str) -> None:
+    """Forget a pack the bucket no longer indexes: its entries are no longer to be reused."""
+    key = bytes.fromhex(pack)
+    raw = store.get(txn, "rpacks", key)
+    if raw is None:
+        return
+    for i in range(0, len(raw) - 31, 32):
+        h = raw[i:i + 32]
+        e = entry(store, txn, h)
+        if e is not None and e.pack == pack:
+            store.delete(txn, "rindex", h)
+    store.delete(txn, "rpacks", key)
+
+
+def packs_holding(store: Store, txn: lmdb.Transaction, h: bytes) -> list[str]:
+    """The indexed packs that hold a chunk with hash h (a scan: only for chunks whose pack went)."""
+    out = []
+    for k, v in store.scan(txn, "rpacks"):
+        if any(v[i:i + 32] == h for i in range(0, len(v) - 31, 32)):
+            out.append(k.hex())
+    return out
