@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_mount import embed
 
 from conftest import sha256
+from test_mount import embed
 from zipfs.cli import main as cli_main
 from zipfs.fs.process import ROOT, mounted, zipfs_cmd
 from zipfs.remote import config, layout
@@ -318,3 +318,39 @@ def test_fetched_payloads_stay_within_the_cache_limit_and_a_damaged_one_is_fetch
         raw[0] ^= 1
         p.write_bytes(bytes(raw))
     assert "11 ok" in z(b, "verify", "sre").stdout
+    assert "0 problems" in z(b, "fsck", "--scrub").stdout  # payloads in the bucket only are no problem
+    z(b, "rm", "sre")
+    z(b, "gc")
+    with Store(b) as sb, sb.read() as txn:  # local gc forgot the chunks' bucket locations too
+        assert sum(1 for _ in txn.cursor(db=sb.db["rlocs"])) == 0
+    assert "0 problems" in z(b, "fsck").stdout
+
+
+def test_a_mount_shows_other_machines_pushes_and_pushes_what_is_written_into_it(tmp_path, models, s3,
+                                                                                 remote_url):
+    import shutil
+    import time
+
+    a = machine(tmp_path, "a", remote_url, s3)
+    b = machine(tmp_path, "b", remote_url, s3)
+    mnt = tmp_path / "mnt"
+    with mounted(b, mnt, log=tmp_path / "b.log"):
+        assert os.listdir(mnt) == []
+        z(a, "ingest", str(models["minilm"]))
+        t0 = time.monotonic()
+        while "minilm" not in os.listdir(mnt):
+            assert time.monotonic() - t0 < 30, "another machine's push did not show up"
+            time.sleep(0.2)
+        seen_after = time.monotonic() - t0
+        assert files_of(mnt / "minilm") == files_of(models["minilm"])
+        shutil.copytree(models["sre"], mnt / "me/sre")  # written through B's mount
+        z(b, "sync", str(mnt), "--wait", "--timeout", "300")
+        t0 = time.monotonic()
+        while not any(layout.model_of(o.key) == ("me/sre", layout.model_of(o.key)[1])
+                      for o in bucket(a).list(layout.MODELS) if layout.model_of(o.key)):
+            assert time.monotonic() - t0 < 60, (tmp_path / "b.log").read_text()[-3000:]
+            time.sleep(0.3)
+    assert seen_after < 10
+    c = machine(tmp_path, "c", remote_url, s3)
+    z(c, "pull", "me/sre")
+    assert "11 ok" in z(c, "verify", "me/sre").stdout

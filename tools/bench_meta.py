@@ -34,7 +34,6 @@ from safetensors.numpy import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_read  # noqa: E402
-
 from zipfs.fs.process import mounted, zipfs_cmd  # noqa: E402
 from zipfs.store.lmdb_store import Store  # noqa: E402
 

@@ -79,11 +79,45 @@ def _check_once(path: Path) -> None:
     if abs(m0[2] - m1[2]) != 1 and max(m0[2], m1[2]) > 0:
         raise StoreError(f"{path}: its meta pages disagree (transactions {m0[2]} and {m1[2]}); one is "
                          "damaged: restore the store from a copy")
-    psize, last_pg, _ = max((m0, m1), key=lambda m: m[2])
+    newest = 0 if m0[2] >= m1[2] else 1
+    psize, last_pg, _ = (m0, m1)[newest]
     need = (last_pg + 1) * psize
-    if size < need:
+    if size < need and not _tail_is_free(path, psize, newest, last_pg, size):
         raise StoreError(f"{path} is shorter ({size} bytes) than its meta page says ({need}): truncated, or "
                          "the meta page is damaged; restore the store from a copy")
+
+
+def _tail_is_free(path: Path, psize: int, meta_pg: int, last_pg: int, size: int) -> bool:
+    """Whether every page between the end of the file and the last page is in the free list.
+
+    LMDB never writes a page it allocated and freed again in one transaction (a "loose" page):
+    it goes to the free list unwritten, so a commit that freed pages it had just allocated at
+    the end leaves the file shorter than its meta page says, and that file is whole. A file cut
+    short is not: its missing tail holds pages in use."""
+    if size < 2 * psize:
+        return False
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        buf = memoryview(mm)
+        try:
+            free_db = _DB.unpack_from(buf, meta_pg * psize + _FREE_DB)
+            tree = _Tree(path, buf, psize, size // psize - 1, leaves=True)  # the list lies in the file
+            pages: set[int] = set()
+
+            def leaf(at: int, nbytes: int, flags: int, ksize: int) -> None:
+                value = at + _NODE + ksize
+                if flags & F_BIGDATA:
+                    value = struct.unpack_from("<Q", buf, value)[0] * psize + _HEADER
+                (n,) = struct.unpack_from("<Q", buf, value)
+                if 8 * (n + 1) > nbytes:
+                    raise StoreError("a free list entry is longer than its record")
+                pages.update(struct.unpack_from(f"<{n}Q", buf, value + 8))
+
+            tree.walk("free", free_db[7], free_db[2], leaf)
+            return all(pg in pages for pg in range(size // psize, last_pg + 1))
+        except (StoreError, struct.error, IndexError):
+            return False
+        finally:
+            buf.release()
 
 
 P_BRANCH, P_LEAF, P_OVERFLOW = 0x01, 0x02, 0x04
@@ -202,7 +236,9 @@ def _check_snapshot(path: Path, buf: memoryview, txn_id: int, leaves: bool) -> b
         return False
     psize, last_pg, _ = m
     if (last_pg + 1) * psize > len(buf):
-        return False  # grown since it was mapped
+        if not _tail_is_free(path, psize, pg, last_pg, len(buf)):
+            return False  # grown since it was mapped
+        last_pg = len(buf) // psize - 1  # free pages LMDB never wrote: no tree may link them
     meta = pg * psize
     tree = _Tree(path, buf, psize, last_pg, leaves)
     free, main = (_DB.unpack_from(buf, meta + at) for at in (_FREE_DB, _MAIN_DB))

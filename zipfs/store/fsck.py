@@ -40,6 +40,7 @@ class FsckReport:
 class _Fixes:
     refs: dict[int, int] = field(default_factory=dict)
     orphan_payloads: list[int] = field(default_factory=list)
+    orphan_locations: list[int] = field(default_factory=list)
     dangling_hashes: list[bytes] = field(default_factory=list)
     dangling_dirents: list[bytes] = field(default_factory=list)
     unowned_files: list[int] = field(default_factory=list)
@@ -153,6 +154,9 @@ def _chunks(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes,
         f"chunk {key_u64(k)}: {e}")))
     expected = expected_refs(files, records)
     payload_ids = set(store.payload_ids(txn, on_damage=lambda k, e: rep.problems.append(str(e))))
+    #: chunks whose payload only the store's remote holds (zipfs.remote.tables)
+    remote_ids = {key_u64(k) for k, _ in store.scan(txn, "rlocs", on_damage=lambda k, e: rep.problems.append(
+                  f"remote location of chunk {key_u64(k)}: {e}"))}
     hash_index: dict[bytes, int] = {}
     for k, v in store.scan(txn, "chunkhash", on_damage=lambda k, e: None):
         hash_index[k] = key_u64(v)
@@ -166,7 +170,7 @@ def _chunks(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes,
             rep.problems.append(f"chunk {cid}: reference count {cr.refs}, recomputed {want}")
             fix.refs[cid] = want
         rep.garbage += want == 0
-        if cid not in payload_ids:
+        if cid not in payload_ids and cid not in remote_ids:
             rep.problems.append(f"chunk {cid}: payload missing")
         if cr.base and cr.base in records and records[cr.base].base:
             rep.problems.append(f"chunk {cid}: base {cr.base} is itself a delta (depth > 1)")
@@ -174,6 +178,8 @@ def _chunks(store: Store, txn: lmdb.Transaction, rep: FsckReport, fix: _Fixes,
             rep.problems.append(f"chunk {cid}: missing from the content-hash index")
     fix.orphan_payloads = sorted(payload_ids - records.keys())
     rep.problems += [f"payload {cid} has no chunk record" for cid in fix.orphan_payloads]
+    fix.orphan_locations = sorted(remote_ids - records.keys())
+    rep.problems += [f"remote location of chunk {cid} has no chunk record" for cid in fix.orphan_locations]
     for h, cid in hash_index.items():
         if cid not in records or records[cid].hash != h:
             rep.problems.append(f"hash index entry {h.hex()[:16]} points at the wrong chunk ({cid})")
@@ -189,6 +195,8 @@ def _repair(store: Store, fix: _Fixes) -> list[str]:
             store.put(txn, "chunks", u64key(cid), cr.pack())
         for cid in fix.orphan_payloads:
             store.delete(txn, "payloads", u64key(cid))
+        for cid in fix.orphan_locations:
+            store.delete(txn, "rlocs", u64key(cid))
         for h in fix.dangling_hashes:
             store.delete(txn, "chunkhash", h)
         for k in fix.dangling_dirents:

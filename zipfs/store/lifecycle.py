@@ -74,7 +74,8 @@ def remove(store: Store, targets: list[str]) -> RemoveResult:
 
 
 def free_chunks(store: Store, txn: lmdb.Transaction, cids: list[int]) -> tuple[int, int, list[int]]:
-    """Delete those of cids nothing references (with payload and hash index entry), dropping
+    """Delete those of cids nothing references (with payload or remote location, and hash index
+    entry), dropping
     their references on delta bases: (chunks freed, payload bytes freed, bases now at zero)."""
     n = freed = 0
     bases: Counter[int] = Counter()
@@ -83,14 +84,15 @@ def free_chunks(store: Store, txn: lmdb.Transaction, cids: list[int]) -> tuple[i
         if raw is None or (cr := ChunkRecord.unpack(raw)).refs:  # gone, or referenced again meanwhile
             continue
         store.delete(txn, "chunks", u64key(cid))
-        store.delete(txn, "payloads", u64key(cid))
+        local = store.delete(txn, "payloads", u64key(cid))
+        store.delete(txn, "rlocs", u64key(cid))  # where the remote has it: this store forgets it
         hit = store.get(txn, "chunkhash", cr.hash)
         if hit is not None and key_u64(hit) == cid:
             store.delete(txn, "chunkhash", cr.hash)
         if cr.base:
             bases[cr.base] += 1
         n += 1
-        freed += cr.stored_len
+        freed += cr.stored_len if local else 0
     add_refs(store, txn, bases, sign=-1)
     return n, freed, [b for b in bases if store.chunk(txn, b).refs == 0]
 
