@@ -112,6 +112,7 @@ def main() -> None:
                 drop_caches()
                 with mounted(local, work / "ml", *opts):
                     res.setdefault("local_mount", []).append(size / read_all(work / "ml" / name) / 1e9)
+                drop_caches()  # the server's files too: every read here starts cold
                 seconds = download(bucket, "raw/model.safetensors", size)
                 res.setdefault("download", []).append(size / seconds / 1e9)
                 res.setdefault("remote/local", []).append(res["remote_mount"][-1] / res["local_mount"][-1])

@@ -44,8 +44,12 @@ class Decoder:
     for chunks a read will need. Thread-safe queues, one lock; the trio thread never waits on
     anything but that lock's short sections."""
 
-    def __init__(self, source: ChunkSource, threads: int, prefetch_max: int, demand_threads: int = 0) -> None:
+    def __init__(self, source: ChunkSource, threads: int, prefetch_max: int, demand_threads: int = 0,
+                 advise_ahead: int = ADVISE_AHEAD) -> None:
         self.source = source
+        #: queued chunks whose payloads are asked for ahead of their decode (deeper for a store
+        #: whose payloads come from a bucket: each fetch waits a round trip)
+        self.advise_ahead = advise_ahead
         #: threads that take demand reads, then prefetch; and threads only for demand reads, so a
         #: read that needs a chunk now never waits for prefetches to finish (a model loaded by
         #: page faults jumps between tensors, each jump queueing a tensor's worth of prefetch)
@@ -155,7 +159,7 @@ class Decoder:
         """The first queued prefetch ids not yet advised, so their payloads come off the disk
         while the chunks before them decode (under the lock)."""
         ids = []
-        for cid in itertools.islice(self._prefetch, ADVISE_AHEAD):
+        for cid in itertools.islice(self._prefetch, self.advise_ahead):
             if cid not in self._advised:
                 self._advised.add(cid)
                 ids.append(cid)

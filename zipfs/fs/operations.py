@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 
 from zipfs.errors import StoreError, ZipfsError
-from zipfs.fs.decoder import Decoder
+from zipfs.fs.decoder import ADVISE_AHEAD, Decoder
 from zipfs.fs.guard import guarded
 from zipfs.fs.namespace import Namespace
 from zipfs.fs.versions import Version
@@ -48,6 +48,8 @@ ENTRY_TIMEOUT = 1.0
 TENSOR_PREFETCH_MAX = 64 << 20
 #: sequential read-ahead, in bytes, once a handle reads sequentially
 SEQUENTIAL_AHEAD = 8 << 20
+#: how many times deeper read-ahead goes for a store whose payloads come from a bucket
+REMOTE_DEPTH = 4
 #: the stretch right after the furthest read that each sequential read queues again
 SEQUENTIAL_REQUEUE = 2 << 20
 #: how far behind the furthest read a read may start and still count as sequential
@@ -132,7 +134,12 @@ class Operations(pyfuse3.Operations):
         #: twice the workers decode and prefetch, so one waiting for its payload to come off the
         #: disk leaves a core to another, and as many again only for demand reads; the prefetch
         #: queue holds what half the cache holds
-        self.decoder = Decoder(source, 2 * workers, max(4, source.cache.capacity // (2 << 20)), workers)
+        remote = ns.store.remote is not None
+        #: bytes read ahead of a sequential reader; a bucket answers each fetch after a round
+        #: trip, so a store with a remote reads further ahead and asks for more at once
+        self.sequential_ahead = SEQUENTIAL_AHEAD * (REMOTE_DEPTH if remote else 1)
+        self.decoder = Decoder(source, 2 * workers, max(4, source.cache.capacity // (2 << 20)), workers,
+                               advise_ahead=ADVISE_AHEAD * (REMOTE_DEPTH if remote else 1))
         #: staging files are read and written in their own threads: they wait on disks
         self.io_limiter = trio.CapacityLimiter(8)
         self.stats = MountStats()
@@ -514,7 +521,7 @@ class Operations(pyfuse3.Operations):
         # read counts as sequential when it starts near the furthest point read so far
         if h.next_off - SEQUENTIAL_SLACK <= off <= h.next_off and end < layout.size:
             near = max(end, h.next_off)
-            until = min(layout.size, near + SEQUENTIAL_AHEAD)
+            until = min(layout.size, near + self.sequential_ahead)
             if h.queued_layout is not layout:
                 h.queued_to, h.queued_layout = -1, layout
             # the far part of the window only once; the near part again, since what was queued

@@ -60,18 +60,24 @@ class ChunkSource:
         return widen.widen(memoryview(base)[off:off + need], xform)
 
     def advise(self, chunk_ids: list[int]) -> None:
-        """Start reading these chunks' payloads (and their bases') from disk now: a decode that
-        comes to them later finds them in the page cache instead of waiting on the disk."""
-        views = []
+        """Start reading these chunks' payloads (and their bases') from disk now, or fetching
+        them from the store's remote (neighbours together): a decode that comes to them later
+        finds them in the page cache, or fetched, instead of waiting."""
+        views, far = [], []
         with self.store.read() as txn:
             for cid in chunk_ids:
                 if cid not in self.cache:
-                    views += self._payloads(txn, cid)[1]
+                    local, remote = self._payloads(txn, cid)[1:]
+                    views += local
+                    far += remote
             self.store.willneed(*views)
+            if far:
+                self.store.prefetch_payloads(txn, far)
 
-    def _payloads(self, txn: lmdb.Transaction, chunk_id: int) -> tuple[ChunkRecord, list[memoryview]]:
-        """A chunk's record and the local payloads its decode reads: its own, and its base's
-        unless that is cached; those only the store's remote has start being fetched."""
+    def _payloads(self, txn: lmdb.Transaction,
+                  chunk_id: int) -> tuple[ChunkRecord, list[memoryview], list[int]]:
+        """A chunk's record, and of the payloads its decode reads (its own, and its base's
+        unless that is cached) those in this store and the ids of those only its remote has."""
         rec = self.store.chunk(txn, chunk_id)
         views, far = [], []
         for cid in (chunk_id, rec.base) if rec.base and rec.base not in self.cache else (chunk_id,):
@@ -80,15 +86,15 @@ class ChunkSource:
                 far.append(cid)
             else:
                 views.append(view)
-        if far:
-            self.store.prefetch_payloads(txn, far)
-        return rec, views
+        return rec, views, far
 
     def _decode(self, chunk_id: int, allow_delta: bool) -> memoryview:
         with self.store.read() as txn:
-            # start reading this payload (and its base's) from disk before decoding either
-            rec, views = self._payloads(txn, chunk_id)
+            # start reading this payload (and its base's) before decoding either
+            rec, views, far = self._payloads(txn, chunk_id)
             self.store.willneed(*views)
+            if far:
+                self.store.prefetch_payloads(txn, far)
         base = None
         if rec.base:  # fetched first: one read transaction per thread at a time
             if not allow_delta:

@@ -33,6 +33,14 @@ Location = tuple[str, int, int, int]
 FETCHERS = 16
 #: prefetches queued beyond these are dropped (a reader asking for them fetches on demand)
 MAX_QUEUED = 256
+#: payloads next to each other in a pack (at most this far apart) are fetched by one GET of
+#: at most COALESCE_MAX bytes: an object store answers a request after tens of ms whatever its
+#: size, and a fine-tune's deltas (a few hundred KiB each) lie in file order in their pack
+COALESCE_GAP = 64 << 10
+COALESCE_MAX = 8 << 20
+#: prefetched payloads the disk cache did not keep (a cache smaller than the read-ahead) wait
+#: in memory for their reader, up to this many bytes, oldest dropped first
+READY_MAX = 64 << 20
 
 
 class PayloadCache:
@@ -92,9 +100,10 @@ class PayloadCache:
                 self._sizes.move_to_end(name)
         return data
 
-    def put(self, name: str, data: bytes) -> None:
+    def put(self, name: str, data: bytes) -> bool:
+        """Keep a checked payload; False when it is not kept (over the limit, a full disk)."""
         if len(data) > self.limit:
-            return
+            return False
         tmp = self.root / f"{name}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "wb") as f:
@@ -103,7 +112,7 @@ class PayloadCache:
         except OSError as e:  # a full disk costs the cache, not the read
             log.warning("cannot keep a fetched payload in the cache: %s", e.strerror)
             tmp.unlink(missing_ok=True)
-            return
+            return False
         with self._lock:
             self.total += len(data) - self._sizes.pop(name, 0)
             self._sizes[name] = len(data)
@@ -113,6 +122,7 @@ class PayloadCache:
                     old, size = self._sizes.popitem(last=False)
                     self.total -= size
                     (self.root / old).unlink(missing_ok=True)
+        return True
 
     def _drop(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
@@ -129,45 +139,100 @@ class Fetcher:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="zipfs-fetch")
         self._lock = threading.Lock()
         self._inflight: dict[str, Future[bytes]] = {}
+        #: fetched, not in the disk cache, not yet read: name -> size (their futures stay in _inflight)
+        self._ready: OrderedDict[str, int] = OrderedDict()
+        self._ready_bytes = 0
         self.fetched = 0
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
+        with self._lock:  # fetches cancelled before they ran: their waiters get an error
+            for f in self._inflight.values():
+                if not f.done():
+                    f.set_exception(RemoteError("the store was closed"))
+            self._inflight.clear()
 
     @staticmethod
     def name(loc: Location) -> str:
         return f"{loc[0]}-{loc[1]}"
 
     def get(self, loc: Location) -> bytes:
-        hit = self.cache.get(self.name(loc), loc[2], loc[3])
-        if hit is not None:
-            return hit
-        return self._start(loc).result()
+        name = self.name(loc)
+        with self._lock:
+            fut = self._inflight.get(name)
+            if fut is not None and name in self._ready:  # read ahead, kept for this reader
+                self._ready_bytes -= self._ready.pop(name)
+                del self._inflight[name]
+        if fut is None:
+            hit = self.cache.get(name, loc[2], loc[3])
+            if hit is not None:
+                return hit
+            fut = self._start(loc)
+        return fut.result()
 
     def prefetch(self, locs: list[Location]) -> None:
-        for loc in locs:
-            name = self.name(loc)
-            if name not in self.cache and len(self._inflight) < MAX_QUEUED:
-                self._start(loc)
+        """Start fetching these payloads (those not cached or in flight), neighbours in a pack
+        by one ranged GET each run."""
+        with self._lock:
+            todo = sorted({loc for loc in locs if self.name(loc) not in self.cache
+                           and self.name(loc) not in self._inflight})
+            if len(self._inflight) >= MAX_QUEUED:
+                return
+            run: list[Location] = []
+            for loc in todo + [("", 0, 0, 0)]:
+                if run and (loc[0] != run[0][0] or loc[1] > run[-1][1] + run[-1][2] + COALESCE_GAP
+                            or loc[1] + loc[2] - run[0][1] > COALESCE_MAX):
+                    futures = {self.name(r): Future() for r in run}
+                    self._inflight.update(futures)
+                    self._pool.submit(self._fetch_run, run, futures)
+                    run = []
+                if loc[0]:
+                    run.append(loc)
 
     def _start(self, loc: Location) -> Future[bytes]:
         name = self.name(loc)
         with self._lock:
             fut = self._inflight.get(name)
             if fut is None:
-                fut = self._inflight[name] = self._pool.submit(self._fetch, name, loc)
+                fut = self._inflight[name] = Future()
+                self._pool.submit(self._fetch_run, [loc], {name: fut})
         return fut
 
-    def _fetch(self, name: str, loc: Location) -> bytes:
+    def _fetch_run(self, run: list[Location], futures: dict[str, Future[bytes]]) -> None:
+        """One GET for payloads lying close together in one pack; each is checked on its own."""
+        pack, start = run[0][0], run[0][1]
         try:
-            pack, off, length, pcheck = loc
-            data = self.bucket.get_range(PACKS + pack, off, length)
-            if len(data) != length or xxhash.xxh3_64_intdigest(data) != pcheck:
-                raise RemoteError(f"remote {self.bucket.cfg.url}: the payload at {PACKS}{pack[:16]}… "
-                                  f"[{off}, +{length}) does not match its checksum")
-            self.cache.put(name, data)
-            self.fetched += 1
-            return data
+            try:
+                data = self.bucket.get_range(PACKS + pack, start, run[-1][1] + run[-1][2] - start)
+            except BaseException as e:  # every waiter gets the error
+                for f in futures.values():
+                    f.set_exception(e)
+                return
+            for loc in run:
+                name, (_, off, length, pcheck) = self.name(loc), loc
+                if futures[name].done():  # two entries at one offset (a damaged manifest)
+                    continue
+                piece = data[off - start:off - start + length]
+                if len(piece) != length or xxhash.xxh3_64_intdigest(piece) != pcheck:
+                    futures[name].set_exception(RemoteError(
+                        f"remote {self.bucket.cfg.url}: the payload at {PACKS}{pack[:16]}… "
+                        f"[{off}, +{length}) does not match its checksum"))
+                    continue
+                kept = self.cache.put(name, piece)
+                self.fetched += 1
+                futures[name].set_result(piece)
+                if not kept:
+                    with self._lock:
+                        self._ready[name] = len(piece)
+                        self._ready_bytes += len(piece)
         finally:
             with self._lock:
-                self._inflight.pop(name, None)
+                for name, f in futures.items():
+                    if not f.done():  # interrupted: nobody waits forever
+                        f.set_exception(RemoteError(f"fetching {PACKS}{pack[:16]}… was interrupted"))
+                    if self._inflight.get(name) is f and name not in self._ready:
+                        del self._inflight[name]
+                while self._ready_bytes > READY_MAX:
+                    old, size = self._ready.popitem(last=False)
+                    self._ready_bytes -= size
+                    self._inflight.pop(old, None)

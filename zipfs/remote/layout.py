@@ -68,6 +68,8 @@ class Entry:
 
     @classmethod
     def from_row(cls, row: object, where: str) -> Entry:
+        if not isinstance(row, list) or len(row) != 11:
+            raise RemoteError(f"{where}: a chunk entry is malformed")
         try:
             e = cls(*row)  # type: ignore[misc]
         except TypeError:
