@@ -354,3 +354,20 @@ def test_a_mount_shows_other_machines_pushes_and_pushes_what_is_written_into_it(
     c = machine(tmp_path, "c", remote_url, s3)
     z(c, "pull", "me/sre")
     assert "11 ok" in z(c, "verify", "me/sre").stdout
+
+
+def test_credentials_from_the_aws_shared_files(tmp_path, models, s3, remote_url, monkeypatch):
+    a = machine(tmp_path, "a", remote_url, s3)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    aws = tmp_path / "aws"
+    aws.mkdir()
+    (aws / "credentials").write_text(f"[team]\naws_access_key_id = {s3.env['AWS_ACCESS_KEY_ID']}\n"
+                                     f"aws_secret_access_key = {s3.env['AWS_SECRET_ACCESS_KEY']}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "team")
+    assert "pushed version" in z(a, "ingest", str(models["minilm"])).stdout
+    monkeypatch.setenv("AWS_PROFILE", "nobody")
+    r = z(a, "push", "minilm", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -9,11 +9,13 @@ becomes a RemoteError naming the operation and the key.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError
@@ -37,6 +39,34 @@ class MissingError(RemoteError):
     """An object the caller expected is not in the bucket (deleted by gc, or never written)."""
 
 
+def shared_credentials() -> dict[str, str]:
+    """Keys from the AWS shared files (~/.aws/credentials and ~/.aws/config, or the files and
+    profile AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE, AWS_PROFILE name), for when the
+    environment has none; obstore reads the environment, instance roles and web identity itself."""
+    import configparser
+
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return {}
+    profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or "default"
+    home = Path(os.path.expanduser("~/.aws"))
+    out: dict[str, str] = {}
+    for path, section in ((os.environ.get("AWS_CONFIG_FILE") or home / "config",
+                           profile if profile == "default" else f"profile {profile}"),
+                          (os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or home / "credentials", profile)):
+        ini = configparser.ConfigParser(interpolation=None)
+        try:
+            ini.read(path)
+        except (configparser.Error, UnicodeDecodeError) as e:
+            raise RemoteError(f"cannot read AWS settings {path}: {str(e).splitlines()[0]}") from None
+        if ini.has_section(section):
+            for ours, theirs in (("access_key_id", "aws_access_key_id"),
+                                 ("secret_access_key", "aws_secret_access_key"),
+                                 ("session_token", "aws_session_token"), ("region", "region")):
+                if ini.get(section, theirs, fallback=None):
+                    out[ours] = ini.get(section, theirs)
+    return out
+
+
 def _reason(e: BaseException) -> str:
     """The first line of obstore's message (the rest is a debug dump)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -51,7 +81,10 @@ class Bucket:
         options: dict = {"timeout": TIMEOUT, "connect_timeout": timedelta(seconds=5)}
         if cfg.endpoint.startswith("http://"):
             options["allow_http"] = True
-        kwargs: dict = {"region": cfg.region or "us-east-1", "client_options": options,
+        shared = shared_credentials()
+        region = cfg.region or os.environ.get("AWS_REGION") or shared.pop("region", "") or "us-east-1"
+        shared.pop("region", None)
+        kwargs: dict = {**shared, "region": region, "client_options": options,
                         "retry_config": {"max_retries": 4, "retry_timeout": RETRY_FOR,
                                          "backoff": {"init_backoff": timedelta(milliseconds=100),
                                                      "max_backoff": timedelta(seconds=2), "base": 2}}}
