@@ -371,3 +371,29 @@ def test_credentials_from_the_aws_shared_files(tmp_path, models, s3, remote_url,
     r = z(a, "push", "minilm", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_model_changed_here_is_not_replaced_by_the_bucket_until_pushed(tmp_path, models, s3, remote_url):
+    a = machine(tmp_path, "a", remote_url, s3)
+    b = machine(tmp_path, "b", remote_url, s3)
+    z(a, "ingest", str(models["minilm"]), "--name", "m")
+    z(b, "pull", "--metadata-only")
+    s3.stop()
+    try:
+        r = z(b, "ingest", str(models["sre"]), "--name", "m", check=False)
+    finally:
+        s3.start()
+    assert r.returncode == 1 and "is stored here, but its push failed" in r.stderr, r.stderr
+    z(a, "ingest", str(models["gt-minilm"]), "--name", "m")  # a newer version in the bucket
+    assert "kept the store's own copy" in z(b, "pull", "--metadata-only").stdout
+    assert files_of_store(b, "m") == files_of(models["sre"])
+    z(b, "push", "m")
+    c = machine(tmp_path, "c", remote_url, s3)
+    z(c, "pull", "m")
+    assert files_of_store(c, "m") == files_of(models["sre"])
+
+
+def files_of_store(store: Path, name: str) -> dict[str, str]:
+    out = tmp = store.parent / f"export-{store.name}-{name.replace('/', '_')}"
+    z(store, "export", name, str(tmp))
+    return files_of(out)

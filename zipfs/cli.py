@@ -76,9 +76,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         store, workers=args.workers, level=args.level, progress=bar.update if bar else None
     ) as ing:
         if store.remote is not None:  # the bucket's models, as bases for these
+            from zipfs.remote.config import RemoteError
             from zipfs.remote.pull import sync
 
-            sync(store, store.remote)
+            try:
+                sync(store, store.remote)
+            except RemoteError as e:
+                say(f"note: cannot look at the bucket, so its models are not candidate bases: {e}")
 
         def on_file(r: FileReport) -> None:
             say(_file_line(r))
@@ -96,7 +100,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             say(f"{hub.display(m.name)}: {human(m.size)} stored in {human(m.new_bytes)} new bytes "
                 f"({m.new_bytes / max(m.size, 1):.3f}); base: {base} ({m.base.reason})")
             if store.remote is not None:
-                push_line(store, m.name, say)
+                push_line(store, m.name, say, ingested=True)
     if bar:
         bar.close()
     return 0

@@ -4,6 +4,7 @@ and push the models whose files this mount's background ingest stored."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import trio
 
@@ -49,20 +50,22 @@ def _push_all(ops: Operations, remote: Remote, names: set[str]) -> set[str]:
 
 
 async def refresh_loop(ops: Operations, remote: Remote) -> None:
-    """Runs for the mount's lifetime; a server that is away costs a warning per round, not the mount."""
+    """Runs for the mount's lifetime; a server that is away costs a warning per round, not the
+    mount. Models changed here are pushed before the bucket's are imported, and kept while
+    their push fails: what a writer here was acknowledged is never replaced by another's."""
     pending: set[str] = set()
     while True:
+        stored = getattr(ops, "stored_inos", None)
+        if stored:
+            inos = set(stored)
+            stored.clear()
+            pending |= await trio.to_thread.run_sync(_model_paths, ops, inos)
+        if pending and getattr(ops, "ingest_idle", True):  # pushed once all written is stored
+            pending = await trio.to_thread.run_sync(_push_all, ops, remote, pending)
         try:
-            r = await trio.to_thread.run_sync(sync, ops.ns.store, remote)
+            r = await trio.to_thread.run_sync(partial(sync, ops.ns.store, remote, keep=frozenset(pending)))
             if r.imported:
                 log.info("from the bucket: %s", ", ".join(r.imported))
         except ZipfsError as e:
             log.warning("cannot look at the bucket (retrying): %s", e)
-        stored = getattr(ops, "stored_inos", None)
-        if stored and getattr(ops, "ingest_idle", True):  # a model is pushed once it is all stored
-            inos = set(stored)
-            stored.clear()
-            pending |= await trio.to_thread.run_sync(_model_paths, ops, inos)
-        if pending:
-            pending = await trio.to_thread.run_sync(_push_all, ops, remote, pending)
         await trio.sleep(REFRESH)

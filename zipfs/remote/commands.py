@@ -26,11 +26,23 @@ def need_remote(store: Store) -> Remote:
     return store.remote
 
 
-def push_line(store: Store, name: str, say: Say) -> None:
-    """Push one model and say what it cost (after an ingest, or for `zipfs push`)."""
+def push_line(store: Store, name: str, say: Say, ingested: bool = False) -> None:
+    """Push one model and say what it cost (after an ingest, or for `zipfs push`). A model just
+    ingested is the store's own until its push lands: a sync meanwhile does not replace it."""
+    from zipfs.remote import tables
+    from zipfs.remote.config import RemoteError
     from zipfs.remote.push import push
 
-    r = push(store, need_remote(store), name)
+    remote = need_remote(store)
+    if ingested:
+        store.writer.call(lambda txn: tables.forget_model_version(store, txn, name))
+    try:
+        r = push(store, remote, name)
+    except RemoteError as e:
+        if not ingested:
+            raise
+        raise ZipfsError(f"{name} is stored here, but its push failed ({e}); run 'zipfs push {name}' "
+                         "when the bucket answers") from None
     say(f"{name}: pushed version {r.version}: {r.files} files, {r.uploaded_chunks}/{r.chunks} chunks "
         f"uploaded in {r.packs} packs ({_human(r.uploaded_bytes)}), {r.seconds:.1f} s")
     for n in r.notes:

@@ -105,6 +105,12 @@ def import_model(store: Store, remote: Remote, name: str, version: str) -> None:
         rel.removed.clear()
         if tables.model_version(store, txn, name) == version:
             return  # another process of this store imported it meanwhile
+        try:
+            here = list(inodes.walk(store, txn, name))
+        except NotFoundError:
+            here = []
+        if any(node.is_reg and node.content == inodes.STAGED for _, node in here):
+            raise ZipfsError(f"{name}: files of it are being written here; it is pushed once they are stored")
         now = time.time_ns()
         try:
             inodes.remove_tree(store, txn, name, now, rel)
@@ -151,11 +157,13 @@ def import_model(store: Store, remote: Remote, name: str, version: str) -> None:
     journal.purge(store, rel.dead)
 
 
-def sync(store: Store, remote: Remote, only: str | None = None) -> SyncReport:
+def sync(store: Store, remote: Remote, only: str | None = None,
+         keep: frozenset[str] = frozenset()) -> SyncReport:
     """Import every model whose newest version in the bucket is not what the store shows. A
-    model here that never came from the bucket nor went to it (a push that failed) is kept."""
+    model here that never came from the bucket nor went to it (a push that failed), one with
+    files being written here, and those in keep (changed here, about to be pushed) are kept."""
     report = SyncReport()
-    want = newest(remote)
+    want = {n: v for n, v in newest(remote).items() if n not in keep}
     if only is not None:
         if only not in want:
             raise NotFoundError(f"{only}: no such model in {remote.cfg.url}")

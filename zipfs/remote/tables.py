@@ -74,6 +74,11 @@ def set_model_version(store: Store, txn: lmdb.Transaction, name: str, version: s
     store.put(txn, "rmodels", name.encode("utf-8", "surrogateescape"), version.encode())
 
 
+def forget_model_version(store: Store, txn: lmdb.Transaction, name: str) -> None:
+    """The model here is now the store's own (changed here, not yet pushed): sync keeps it."""
+    store.delete(txn, "rmodels", name.encode("utf-8", "surrogateescape"))
+
+
 def known_packs(store: Store, txn: lmdb.Transaction) -> set[str]:
     return {k.hex() for k, _ in store.scan(txn, "rpacks")}
 
