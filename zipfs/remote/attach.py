@@ -19,11 +19,29 @@ CACHE_DIR = "remote-cache"
 class Remote:
     def __init__(self, store: Store, cfg: config.RemoteConfig) -> None:
         self.store, self.cfg = store, cfg
-        self.bucket = Bucket(cfg)
         self.cache = PayloadCache(store.path / CACHE_DIR, cfg.cache_bytes)
-        self.fetcher = Fetcher(self.bucket, self.cache)
+        self._bucket: Bucket | None = None
+        self._fetcher: Fetcher | None = None
+        self._opening = threading.Lock()
         self._relocating = threading.Lock()
         self._synced = 0.0
+
+    @property
+    def bucket(self) -> Bucket:
+        """The client, made when first needed: a command that reads only what is here works
+        without credentials or a reachable server."""
+        with self._opening:
+            if self._bucket is None:
+                self._bucket = Bucket(self.cfg)
+            return self._bucket
+
+    @property
+    def fetcher(self) -> Fetcher:
+        bucket = self.bucket
+        with self._opening:
+            if self._fetcher is None:
+                self._fetcher = Fetcher(bucket, self.cache)
+            return self._fetcher
 
     def payload(self, txn: lmdb.Transaction, chunk_id: int) -> bytes | None:
         """The chunk's payload from the cache or the bucket; None when the bucket has none.
@@ -67,7 +85,8 @@ class Remote:
         self.fetcher.prefetch(locs)
 
     def close(self) -> None:
-        self.fetcher.close()
+        if self._fetcher is not None:
+            self._fetcher.close()
 
 
 def open_remote(store: Store) -> Remote | None:
