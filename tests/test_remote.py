@@ -397,3 +397,46 @@ def files_of_store(store: Path, name: str) -> dict[str, str]:
     out = tmp = store.parent / f"export-{store.name}-{name.replace('/', '_')}"
     z(store, "export", name, str(tmp))
     return files_of(out)
+
+
+def test_a_pack_pushed_again_after_gc_condemned_it_is_kept(tmp_path, models, s3, remote_url):
+    from zipfs.remote.gc import TRASH, gc_remote
+
+    a = machine(tmp_path, "a", remote_url, s3)
+    z(a, "ingest", str(models["minilm"]))
+    z(a, "rm", "minilm")
+    assert gc_remote(bucket(a), grace=0).condemned >= 1
+    z(a, "ingest", str(models["minilm"]))  # the same bytes: the same packs, indexed again
+    bk = bucket(a)
+    trash = {o.key[len(TRASH):] for o in bk.list(TRASH)}
+    both = trash & {o.key[len(layout.INDEX):] for o in bk.list(layout.INDEX)}
+    assert both, "the test needs a pack both condemned and indexed"
+    r = gc_remote(bk, grace=0)
+    assert r.packs == 0, r
+    assert not list(bk.list(TRASH))
+    c = machine(tmp_path, "c", remote_url, s3)
+    z(c, "pull", "minilm")
+    assert "9 ok" in z(c, "verify").stdout
+    r = z(a, "gc", "--remote", "--grace", "0", check=False)
+    assert r.returncode == 1 and "--force" in r.stderr
+    assert "bucket: deleted" in z(a, "gc", "--remote", "--grace", "0", "--force").stdout
+
+
+def test_equal_files_of_an_imported_model_are_versions_of_their_own(tmp_path, models, s3, remote_url):
+    import shutil
+
+    src = tmp_path / "twins"
+    shutil.copytree(models["minilm"], src)
+    shutil.copy(src / "config.json", src / "config-copy.json")
+    a = machine(tmp_path, "a", remote_url, s3)
+    z(a, "ingest", str(src))
+    b = machine(tmp_path, "b", remote_url, s3)
+    z(b, "pull", "--metadata-only")
+    with Store(b) as sb, sb.read() as txn:
+        from zipfs.store import inodes
+
+        ids = {inodes.resolve(sb, txn, f"twins/{n}").content_id for n in ("config.json", "config-copy.json")}
+    assert len(ids) == 2
+    z(b, "rm", "twins/config-copy.json")
+    z(b, "gc")
+    assert "9 ok, 0 failed" in z(b, "verify", "twins").stdout  # config.json still reads

@@ -110,3 +110,30 @@ def test_flipped_or_cut_objects_parse_the_same_or_fail_cleanly(data):
             parse(bytes(b))
         except RemoteError:
             pass
+
+
+def test_deep_nesting_non_canonical_keys_link_targets_and_field_bounds_are_refused():
+    import zstandard
+
+    deep = zstandard.ZstdCompressor().compress(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(RemoteError, match="damaged"):
+        layout.decode(deep, "files/x")
+    v = "1" * 19 + "-" + "0" * 16
+    assert layout.model_of(f"models/org%2Fm/{v}") == ("org/m", v)
+    for key in (f"models/org%2fm/{v}", f"models/%61bc/{v}"):
+        assert layout.model_of(key) is None
+    key = layout.model_prefix("org/m") + v
+    for target in ("/etc/passwd", "../../x", "", "a\0b", "../" * 3 + "y"):
+        m = _model()
+        m.entries[2]["target"] = target
+        with pytest.raises(RemoteError, match="outside the model"):
+            ModelManifest.parse(m.encode(), key)
+    m = _model()
+    m.entries[1]["path"] = "snapshots/r/model.safetensors"
+    m.entries[2].update(path="snapshots/r/latest", target="../../blobs/abc")  # a hub snapshot's link
+    assert ModelManifest.parse(m.encode(), key) == m
+    for field, value in (("uid", 1 << 32), ("mode", 1 << 40), ("mtime_ns", 1 << 63)):
+        m = _model()
+        m.entries[1][field] = value
+        with pytest.raises(RemoteError, match="out of range"):
+            ModelManifest.parse(m.encode(), key)

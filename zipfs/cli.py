@@ -453,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="collect the bucket instead: what no machine's newest manifest reads")
     sp.add_argument("--grace", type=float, default=3600.0,
                     help="with --remote: seconds an object must be old to go (default 3600)")
+    sp.add_argument("--force", action="store_true",
+                    help="with --remote: take a grace period under 600 s (no other machine writes now)")
 
     sp = add("fsck", cmd_fsck, "check reference counts and records; --scrub decodes every chunk")
     sp.add_argument("--scrub", action="store_true", help="decode every chunk and check its checksum")

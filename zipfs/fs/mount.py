@@ -150,6 +150,8 @@ async def _serve(ops: Operations, opts: MountOptions) -> None:
             if opts.readahead_kb:
                 nursery.start_soon(trio.to_thread.run_sync, set_readahead, opts.mountpoint, opts.readahead_kb)
             await pyfuse3.main()
+            if ops.ns.store.remote is not None:
+                ops.ns.store.remote.stopping.set()  # a push in progress stops at its next pack
             if isinstance(ops, WritableOperations):
                 ops.ingester.cancelled.set()  # an ingest in progress stops; its file stays staged
             nursery.cancel_scope.cancel()

@@ -10,6 +10,7 @@ import trio
 
 from zipfs.errors import ZipfsError
 from zipfs.fs.operations import Operations
+from zipfs.remote import tables
 from zipfs.remote.attach import Remote
 from zipfs.remote.pull import sync
 from zipfs.remote.push import push
@@ -22,6 +23,8 @@ REFRESH = 3.0
 
 
 def _model_paths(ops: Operations, inos: set[int]) -> set[str]:
+    """The models of these inodes, marked in the store as changed here (kept by every sync,
+    this mount's and a later one's, until pushed)."""
     store = ops.ns.store
     out = set()
     with store.read() as txn:
@@ -32,7 +35,17 @@ def _model_paths(ops: Operations, inos: set[int]) -> set[str]:
                     out.add(inodes.path_of(store, txn, models.home(store, txn, node)))
                 except ZipfsError:
                     continue
+    if out:
+        store.writer.call(lambda txn: [tables.forget_model_version(store, txn, n) for n in out])
     return out
+
+
+def unpushed(ops: Operations) -> set[str]:
+    """Models here the bucket does not show as this store has them (changed here by an earlier
+    mount, an ingest whose push failed, a store that got its remote later): to be pushed."""
+    store = ops.ns.store
+    with store.read() as txn:
+        return {name for name in models.named(store, txn) if tables.model_version(store, txn, name) is None}
 
 
 def _push_all(ops: Operations, remote: Remote, names: set[str]) -> set[str]:
@@ -53,7 +66,7 @@ async def refresh_loop(ops: Operations, remote: Remote) -> None:
     """Runs for the mount's lifetime; a server that is away costs a warning per round, not the
     mount. Models changed here are pushed before the bucket's are imported, and kept while
     their push fails: what a writer here was acknowledged is never replaced by another's."""
-    pending: set[str] = set()
+    pending = await trio.to_thread.run_sync(unpushed, ops)
     while True:
         stored = getattr(ops, "stored_inos", None)
         if stored:
@@ -68,4 +81,6 @@ async def refresh_loop(ops: Operations, remote: Remote) -> None:
                 log.info("from the bucket: %s", ", ".join(r.imported))
         except ZipfsError as e:
             log.warning("cannot look at the bucket (retrying): %s", e)
+        except Exception:  # noqa: BLE001 - a bug costs this round, not what waits to be pushed
+            log.exception("looking at the bucket failed")
         await trio.sleep(REFRESH)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import blake3
 import lmdb
 import numpy as np
 
@@ -107,7 +108,10 @@ class ChunkSource:
         with self.store.read() as txn:
             # decoded straight from the map; only the C decoder touches the payload's bytes,
             # without the GIL, since the first touch may wait on the disk
-            payload = self.store.payload(txn, chunk_id)
+            payload = self.store.local_payload(txn, chunk_id)
+            fetched = payload is None
+            if fetched:
+                payload = self.store.payload(txn, chunk_id)
             if len(payload) != rec.stored_len:
                 raise CorruptChunkError(f"chunk {chunk_id}: payload is {len(payload)} bytes, its record says "
                                         f"{rec.stored_len}")
@@ -119,6 +123,11 @@ class ChunkSource:
                 raise CorruptChunkError(f"chunk {chunk_id}: {e}") from None
         if codec.checksum(data) != rec.checksum:
             raise CorruptChunkError(f"chunk {chunk_id}: checksum mismatch, stored data is corrupt")
+        if fetched and blake3.blake3(data).digest() != rec.hash:
+            # another machine's record: its checksums are its own; the content address is what
+            # this store's dedup trusts, so it is checked before anyone reads these bytes
+            raise CorruptChunkError(f"chunk {chunk_id}: the bucket's bytes are not those its content address "
+                                    "names")
         with self._lock:
             self.decoded += 1
             self.decoded_bytes += len(data)

@@ -11,6 +11,7 @@ import lmdb
 from zipfs.remote import config, tables
 from zipfs.remote.cache import Fetcher, Location, PayloadCache
 from zipfs.remote.client import Bucket, MissingError
+from zipfs.remote.config import RemoteError
 from zipfs.store.lmdb_store import Store
 
 CACHE_DIR = "remote-cache"
@@ -25,6 +26,9 @@ class Remote:
         self._opening = threading.Lock()
         self._relocating = threading.Lock()
         self._synced = 0.0
+        self._closed = False
+        #: set when the process is going away: a push stops before its next pack
+        self.stopping = threading.Event()
 
     @property
     def bucket(self) -> Bucket:
@@ -39,6 +43,8 @@ class Remote:
     def fetcher(self) -> Fetcher:
         bucket = self.bucket
         with self._opening:
+            if self._closed:
+                raise RemoteError("the store is closed")
             if self._fetcher is None:
                 self._fetcher = Fetcher(bucket, self.cache)
             return self._fetcher
@@ -85,6 +91,9 @@ class Remote:
         self.fetcher.prefetch(locs)
 
     def close(self) -> None:
+        self.stopping.set()
+        with self._opening:
+            self._closed = True
         if self._fetcher is not None:
             self._fetcher.close()
 

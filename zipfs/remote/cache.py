@@ -184,7 +184,7 @@ class Fetcher:
                             or loc[1] + loc[2] - run[0][1] > COALESCE_MAX):
                     futures = {self.name(r): Future() for r in run}
                     self._inflight.update(futures)
-                    self._pool.submit(self._fetch_run, run, futures)
+                    self._submit(run, futures)
                     run = []
                 if loc[0]:
                     run.append(loc)
@@ -195,8 +195,17 @@ class Fetcher:
             fut = self._inflight.get(name)
             if fut is None:
                 fut = self._inflight[name] = Future()
-                self._pool.submit(self._fetch_run, [loc], {name: fut})
+                self._submit([loc], {name: fut})
         return fut
+
+    def _submit(self, run: list[Location], futures: dict[str, Future[bytes]]) -> None:
+        """Queue one GET (under the lock); after close, its waiters get an error at once."""
+        try:
+            self._pool.submit(self._fetch_run, run, futures)
+        except RuntimeError:
+            for name, f in futures.items():
+                f.set_exception(RemoteError("the store was closed"))
+                self._inflight.pop(name, None)
 
     def _fetch_run(self, run: list[Location], futures: dict[str, Future[bytes]]) -> None:
         """One GET for payloads lying close together in one pack; each is checked on its own."""

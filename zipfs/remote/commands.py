@@ -12,6 +12,8 @@ from zipfs.remote.attach import Remote
 from zipfs.store.lmdb_store import Store, default_store_path
 
 Say = Callable[[str], None]
+#: the shortest grace period gc takes without --force: longer than a push takes to publish
+SAFE_GRACE = 600.0
 
 
 def _human(n: float) -> str:
@@ -52,7 +54,6 @@ def push_line(store: Store, name: str, say: Say, ingested: bool = False) -> None
 def publish_removals(store: Store, targets: list[str], say: Say) -> None:
     """After `zipfs rm`: a removed model is removed in the bucket too (a version saying so); a
     model that lost some of its files is pushed again without them."""
-    from zipfs.remote import tables
     from zipfs.remote.push import push_removal
     from zipfs.store import names
 
@@ -62,9 +63,6 @@ def publish_removals(store: Store, targets: list[str], say: Say) -> None:
     for t in (names.normalize(t) for t in targets):
         for name in sorted(shown):
             if name == t or name.startswith(t + "/"):
-                with store.read() as txn:
-                    if tables.model_version(store, txn, name) is None:
-                        continue
                 say(f"{name}: removed from {remote.cfg.url} (version {push_removal(store, remote, name)})")
             elif t.startswith(name + "/"):
                 push_line(store, name, say)
@@ -130,6 +128,9 @@ def gc_remote_command(args: argparse.Namespace) -> int:
 
     if args.grace < 0:
         raise ZipfsError("--grace is a number of seconds, 0 or more")
+    if args.grace < SAFE_GRACE and not args.force:
+        raise ZipfsError(f"a grace period under {SAFE_GRACE:.0f} s can delete what a push on another machine "
+                         "is uploading now; give --force if no other machine writes to the bucket")
     with _open(args) as store:
         r = gc_remote(need_remote(store).bucket, grace=args.grace)
     print(f"bucket: deleted {r.versions} old manifest versions, {r.files} file manifests, {r.packs} packs "

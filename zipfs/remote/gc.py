@@ -148,11 +148,13 @@ def gc_remote(bucket: Bucket, grace: float = DEFAULT_GRACE, repack_below: float 
     for pack, entries in view.indexed.items():
         for e in entries:
             holders[(e.hash, e.pcheck)].add(pack)
+    condemned_now: set[str] = set()
     for pack, entries in view.indexed.items():
         size = view.objects[PACKS][pack].size if pack in view.objects[PACKS] else 0
         alive = [e for e in entries if (e.hash, e.pcheck) in live]
         if alive and sum(e.length for e in alive) >= repack_below * size or not is_old(INDEX, pack):
             continue
+        condemned_now.add(pack)
         if not alive:
             _condemn(bucket, pack, entries)
             res.condemned += 1
@@ -165,6 +167,10 @@ def gc_remote(bucket: Bucket, grace: float = DEFAULT_GRACE, repack_below: float 
             _condemn(bucket, pack, entries)
             res.repacked += 1
     for pack, entries in view.condemned.items():
+        if pack in view.indexed:  # indexed again since (the same bytes pushed again): trash is stale
+            if pack not in condemned_now:
+                bucket.delete(TRASH + pack)
+            continue
         needed = [e for e in entries if (e.hash, e.pcheck) in live and not holders.get((e.hash, e.pcheck))]
         if needed and pack in view.objects[PACKS]:  # a manifest written since reads it: index it again
             bucket.put(INDEX + pack, layout.index_object(pack, view.objects[PACKS][pack].size, entries))
@@ -172,17 +178,23 @@ def gc_remote(bucket: Bucket, grace: float = DEFAULT_GRACE, repack_below: float 
             res.restored += 1
         elif needed:
             continue  # read by a manifest, and gone: fsck --remote says so; nothing to delete
-        elif is_old(TRASH, pack):
+        elif is_old(TRASH, pack) and _unindexed(bucket, pack):
             res.freed_bytes += view.objects[PACKS][pack].size if pack in view.objects[PACKS] else 0
             bucket.delete(PACKS + pack)
             bucket.delete(TRASH + pack)
             res.packs += 1
     for pack, o in view.objects[PACKS].items():  # uploads that never got an index
-        if pack not in view.indexed and pack not in view.condemned and is_old(PACKS, pack):
+        if (pack not in view.indexed and pack not in view.condemned and is_old(PACKS, pack)
+                and _unindexed(bucket, pack)):
             bucket.delete(PACKS + pack)
             res.freed_bytes += o.size
             res.packs += 1
     return res
+
+
+def _unindexed(bucket: Bucket, pack: str) -> bool:
+    """No index names the pack now (a push may have indexed it since the listing)."""
+    return not bucket.exists(INDEX + pack)
 
 
 def _condemn(bucket: Bucket, pack: str, entries: list[Entry]) -> None:

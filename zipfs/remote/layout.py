@@ -23,7 +23,9 @@ result; a delta names its base by hash, and the base's own entry is standalone.
 
 from __future__ import annotations
 
+import io
 import json
+import posixpath
 import re
 import time
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ PACKS, INDEX, FILES, MODELS = "packs/", "index/", "files/", "models/"
 MAX_OBJECT = 256 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _VERSION = re.compile(r"[0-9]{19}-[0-9a-f]{16}\Z")
-_U64 = (1 << 64) - 1
+_U64, _U32, _I63 = (1 << 64) - 1, (1 << 32) - 1, (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,16 @@ def encode(obj: dict) -> bytes:
 
 def decode(data: bytes, where: str) -> dict:
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_OBJECT)
+        # read through a stream with a cap: a frame's own content size is not to be trusted
+        # (zstandard's one-shot decompress allocates what the header says)
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
+            raw = r.read(MAX_OBJECT + 1)
+            while len(raw) <= MAX_OBJECT and (more := r.read(MAX_OBJECT + 1 - len(raw))):
+                raw += more
+        if len(raw) > MAX_OBJECT:
+            raise ValueError("too large")
         obj = json.loads(raw)
-    except (zstandard.ZstdError, ValueError):
+    except (zstandard.ZstdError, ValueError, RecursionError, MemoryError):
         raise RemoteError(f"{where} is damaged (not a zipfs object)") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise RemoteError(f"{where}: format {obj.get('format') if isinstance(obj, dict) else '?'} is not "
@@ -228,15 +237,24 @@ class ModelManifest:
                 clean = False
             if not clean:
                 raise RemoteError(f"{where}: not a clean relative path")
-            for f in ("mode", "uid", "gid", "mtime_ns"):
-                if not 0 <= _field(e, f, int, where) <= _U64:
+            for f, top in (("mode", _U32), ("uid", _U32), ("gid", _U32), ("mtime_ns", _I63)):
+                if not 0 <= _field(e, f, int, where) <= top:
                     raise RemoteError(f"{where}: field {f!r} is out of range")
             if e["type"] == "file":
                 if not _HEX64.match(_field(e, "file", str, where)) or _field(e, "size", int, where) < 0:
                     raise RemoteError(f"{where}: its file manifest key is malformed")
             elif e["type"] == "link":
-                _field(e, "target", str, where)
+                _check_target(path, _field(e, "target", str, where), where)
         return m
+
+
+def _check_target(path: str, target: str, where: str) -> None:
+    """A link stays inside its model: relative, and not climbing above the model's top (a hub
+    snapshot's ../../blobs/x stays inside its repo folder)."""
+    inside = posixpath.normpath(posixpath.join(posixpath.dirname(path), target)) if target else ".."
+    if (target.startswith("/") or "\0" in target or len(target.encode("utf-8", "surrogateescape")) > 4095
+            or inside == ".." or inside.startswith("../")):
+        raise RemoteError(f"{where}: its link target {target[:80]!r} leads outside the model")
 
 
 def is_name(text: str) -> bool:
@@ -258,8 +276,8 @@ def model_of(key: str) -> tuple[str, str] | None:
         return None
     try:
         name = unquote(parts[0], errors="strict")
-        if not name or names.normalize(name) != name:
-            return None
+        if not name or names.normalize(name) != name or quote(name, safe="") != parts[0]:
+            return None  # one spelling per name: readers ask for the canonical key
     except (UnicodeDecodeError, ZipfsError):
         return None
     return name, parts[1]

@@ -116,11 +116,12 @@ def import_model(store: Store, remote: Remote, name: str, version: str) -> None:
             inodes.remove_tree(store, txn, name, now, rel)
         except NotFoundError:
             pass
+        for inner, _ in list(store.scan(txn, "rmodels", prefix=names.encode(name) + b"/")):
+            store.delete(txn, "rmodels", inner)  # models inside it went with it: import them again
         if m.deleted:
             tables.set_model_version(store, txn, name, version)
             return
         made: dict[str, int] = {}
-        files: dict[str, tuple[int, FileRecord]] = {}
         top = None
         for e in sorted(m.entries, key=lambda e: e["path"].count("/") if e["path"] else -1):
             path = f"{name}/{e['path']}" if e["path"] else name
@@ -132,9 +133,9 @@ def import_model(store: Store, remote: Remote, name: str, version: str) -> None:
                 node = inodes.replace(store, txn, path, stat.S_IFLNK | 0o777, e["uid"], e["gid"], now, rel,
                                       target=names.encode(e["target"]))
             else:
-                if e["file"] not in files:
-                    files[e["file"]] = _put_file(store, txn, manifests[e["file"]], made)
-                fid, frec = files[e["file"]]
+                # a version of its own per file, as an ingest makes: two files with equal bytes
+                # share chunks, never a version (an inode's removal orphans its version)
+                fid, frec = _put_file(store, txn, manifests[e["file"]], made)
                 node = inodes.replace(store, txn, path, stat.S_IFREG | mode, e["uid"], e["gid"], now, rel)
                 node.mtime_ns = e["mtime_ns"]
                 inodes.set_content(store, txn, node, inodes.STORED, fid, frec.size, rel)
@@ -210,7 +211,8 @@ def fetch_all(store: Store, remote: Remote, name: str) -> int:
 
         def op(txn: lmdb.Transaction, got=got) -> None:
             for c, data in got:
-                txn.put(u64key(c), data, db=store.db["payloads"])
+                if store.get(txn, "chunks", u64key(c)) is not None:  # not freed by gc meanwhile
+                    txn.put(u64key(c), data, db=store.db["payloads"])
 
         store.writer.call(op)
         fetched += sum(len(d) for _, d in got)

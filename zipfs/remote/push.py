@@ -113,7 +113,7 @@ def _upload(store: Store, remote: Remote, todo: list[int], report: PushReport,
     def send(pack: bytes, rows: list[tuple[int, object, bytes, int, int]]) -> None:
         name = blake3.blake3(pack).hexdigest()
         entries = [(cid, Entry.of(rec, bh, name, off, pc)) for cid, rec, bh, off, pc in rows]
-        remote.bucket.put(PACKS + name, pack, create=True)
+        remote.bucket.refresh(PACKS + name, pack)  # the same bytes again (a resumed push): age restarts
         remote.bucket.put(INDEX + name, layout.index_object(name, len(pack), [e for _, e in entries]),
                           create=True)
 
@@ -142,6 +142,8 @@ def _upload(store: Store, remote: Remote, todo: list[int], report: PushReport,
             rows.append((cid, rec, base_hash, len(buf), xxhash.xxh3_64_intdigest(payload)))
             buf += payload
             if len(buf) >= PACK_TARGET or i == len(todo) - 1:
+                if remote.stopping.is_set():
+                    raise RemoteError("push stopped: the process is shutting down (run it again to resume)")
                 slots.acquire()
                 for f in futures:  # the first failure stops the push
                     if f.done():
@@ -175,10 +177,13 @@ def _file_manifest(store: Store, txn: lmdb.Transaction, file_id: int) -> FileMan
 
 
 def _entries(store: Store, remote: Remote, name: str,
-             found: list) -> tuple[list[dict], set[str], dict[str, bytes]]:
-    """The model manifest's entries, the packs they read, and the file manifests (uploaded on
-    the way, or rewritten when the bucket had them: their age restarts, see Bucket.refresh)."""
-    entries, packs, written = [], set(), {}
+             found: list) -> tuple[list[dict], dict[str, set[str]], dict[str, bytes]]:
+    """The model manifest's entries, the packs they read (with the hashes read from each), and
+    the file manifests (uploaded on the way, or rewritten when the bucket had them: their age
+    restarts, see Bucket.refresh)."""
+    entries: list[dict] = []
+    packs: dict[str, set[str]] = {}
+    written: dict[str, bytes] = {}
     with store.read() as txn:
         for rel, node in found:
             e = {"path": rel, "mode": stat.S_IMODE(node.mode), "uid": node.uid, "gid": node.gid,
@@ -189,7 +194,8 @@ def _entries(store: Store, remote: Remote, name: str,
                 e.update(type="link", target=node.target.decode("utf-8", "surrogateescape"))
             else:
                 fm = _file_manifest(store, txn, node.content_id)
-                packs.update(c.pack for c in fm.chunks)
+                for c in fm.chunks:
+                    packs.setdefault(c.pack, set()).add(c.hash)
                 data = fm.encode()
                 key = blake3.blake3(data).hexdigest()
                 remote.bucket.refresh(FILES + key, data)
@@ -246,7 +252,13 @@ def push(store: Store, remote: Remote, name: str,
         gone = [p for p in sorted(packs) if not _still_indexed(remote, p)]
         if not gone:
             break
-        store.writer.call(lambda txn, gone=gone: [tables.drop_pack(store, txn, p) for p in gone])
+        drop = {p: packs[p] for p in gone}
+
+        def forget(txn: lmdb.Transaction, drop: dict[str, set[str]] = drop) -> None:
+            for p, hashes in drop.items():
+                tables.drop_entries(store, txn, p, hashes)
+
+        store.writer.call(forget)
     else:
         raise RemoteError(f"{name}: the bucket's gc keeps condemning packs this push reads; try again")
     with store.read() as txn:

@@ -29,12 +29,15 @@ def entry(store: Store, txn: lmdb.Transaction, h: bytes) -> Entry | None:
     return None if raw is None else Entry.from_row(json.loads(raw), f"local index of chunk {h.hex()[:16]}")
 
 
-def put_entry(store: Store, txn: lmdb.Transaction, e: Entry) -> None:
-    """Remember e for its hash, a standalone entry over a delta (a base must be standalone)."""
+def put_entry(store: Store, txn: lmdb.Transaction, e: Entry, indexed: bool = False) -> None:
+    """Remember e for its hash, a standalone entry over a delta (a base must be standalone);
+    an entry from an index (indexed) also over one only a manifest named, in a pack no index
+    here lists (repacked since, maybe)."""
     key = bytes.fromhex(e.hash)
     old = entry(store, txn, key)
     if old is not None and (not old.base or e.base):
-        return
+        if not (indexed and old.pack != e.pack and store.get(txn, "rpacks", bytes.fromhex(old.pack)) is None):
+            return
     store.put(txn, "rindex", key, json.dumps(e.row(), separators=(",", ":")).encode())
 
 
@@ -86,8 +89,18 @@ def known_packs(store: Store, txn: lmdb.Transaction) -> set[str]:
 def add_pack(store: Store, txn: lmdb.Transaction, pack: str, entries: list[Entry]) -> None:
     """Remember a pack's index: its entries (for dedup) and which hashes it holds."""
     for e in entries:
-        put_entry(store, txn, e)
+        put_entry(store, txn, e, indexed=True)
     store.put(txn, "rpacks", bytes.fromhex(pack), b"".join(bytes.fromhex(e.hash) for e in entries))
+
+
+def drop_entries(store: Store, txn: lmdb.Transaction, pack: str, hashes: set[str]) -> None:
+    """Forget the entries of these hashes that point into pack (gone from the bucket's indexes),
+    whether an index or only a manifest told us of them."""
+    for h in hashes:
+        e = entry(store, txn, bytes.fromhex(h))
+        if e is not None and e.pack == pack:
+            store.delete(txn, "rindex", bytes.fromhex(h))
+    drop_pack(store, txn, pack)
 
 
 def drop_pack(store: Store, txn: lmdb.Transaction, pack: str) -> None:

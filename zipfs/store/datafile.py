@@ -96,6 +96,13 @@ def _tail_is_free(path: Path, psize: int, meta_pg: int, last_pg: int, size: int)
     short is not: its missing tail holds pages in use."""
     if size < 2 * psize:
         return False
+    try:
+        return _free_tail(path, psize, meta_pg, last_pg, size)
+    except (OSError, ValueError):
+        return False
+
+
+def _free_tail(path: Path, psize: int, meta_pg: int, last_pg: int, size: int) -> bool:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         buf = memoryview(mm)
         try:
@@ -238,7 +245,8 @@ def _check_snapshot(path: Path, buf: memoryview, txn_id: int, leaves: bool) -> b
     if (last_pg + 1) * psize > len(buf):
         if not _tail_is_free(path, psize, pg, last_pg, len(buf)):
             return False  # grown since it was mapped
-        last_pg = len(buf) // psize - 1  # free pages LMDB never wrote: no tree may link them
+        # free pages LMDB never wrote: no tree may link them, the values' overflow runs included
+        last_pg, leaves = len(buf) // psize - 1, True
     meta = pg * psize
     tree = _Tree(path, buf, psize, last_pg, leaves)
     free, main = (_DB.unpack_from(buf, meta + at) for at in (_FREE_DB, _MAIN_DB))
