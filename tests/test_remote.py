@@ -350,10 +350,29 @@ def test_a_mount_shows_other_machines_pushes_and_pushes_what_is_written_into_it(
                       for o in bucket(a).list(layout.MODELS) if layout.model_of(o.key)):
             assert time.monotonic() - t0 < 60, (tmp_path / "b.log").read_text()[-3000:]
             time.sleep(0.3)
+        shutil.rmtree(mnt / "minilm")  # removed and renamed through the mount: the bucket follows
+        os.rename(mnt / "me/sre", mnt / "me/sre2")
+        t0 = time.monotonic()
+        while set(newest_models(bucket(a))) != {"me/sre2"}:
+            log = (tmp_path / "b.log").read_text()[-3000:]
+            assert time.monotonic() - t0 < 60, (newest_models(bucket(a)), log)
+            time.sleep(0.3)
     assert seen_after < 10
     c = machine(tmp_path, "c", remote_url, s3)
-    z(c, "pull", "me/sre")
-    assert "11 ok" in z(c, "verify", "me/sre").stdout
+    z(c, "pull", "--metadata-only")
+    assert "11 ok" in z(c, "verify", "me/sre2").stdout
+    listed = z(c, "ls").stdout
+    assert "me/sre2/" in listed and "minilm" not in listed and "me/sre/" not in listed, listed
+
+
+def newest_models(bk: Bucket) -> list[str]:
+    """The models whose newest version is not a removal."""
+    newest: dict[str, str] = {}
+    for o in bk.list(layout.MODELS):
+        found = layout.model_of(o.key)
+        if found and o.key > newest.get(found[0], ""):
+            newest[found[0]] = o.key
+    return sorted(n for n, k in newest.items() if not layout.ModelManifest.parse(bk.get(k), k).deleted)
 
 
 def test_credentials_from_the_aws_shared_files(tmp_path, models, s3, remote_url, monkeypatch):

@@ -13,7 +13,7 @@ from zipfs.fs.operations import Operations
 from zipfs.remote import tables
 from zipfs.remote.attach import Remote
 from zipfs.remote.pull import sync
-from zipfs.remote.push import push
+from zipfs.remote.push import push, push_removal
 from zipfs.store import inodes, models
 
 log = logging.getLogger("zipfs.remote")
@@ -40,12 +40,32 @@ def _model_paths(ops: Operations, inos: set[int]) -> set[str]:
     return out
 
 
-def unpushed(ops: Operations) -> set[str]:
-    """Models here the bucket does not show as this store has them (changed here by an earlier
-    mount, an ingest whose push failed, a store that got its remote later): to be pushed."""
+def unpushed(ops: Operations) -> tuple[set[str], set[str]]:
+    """Models here the bucket does not show as this store has them (changed here by this or an
+    earlier mount, renamed here, an ingest whose push failed, a store that got its remote
+    later): to be pushed; and models the bucket shows that are gone here (removed or renamed
+    through the mount): to be published as removed."""
     store = ops.ns.store
     with store.read() as txn:
-        return {name for name in models.named(store, txn) if tables.model_version(store, txn, name) is None}
+        here = models.named(store, txn)
+        shown = tables.shown_models(store, txn)
+        gone = set()
+        for name, removed in shown.items():
+            if not removed and name not in here:
+                try:
+                    inodes.resolve(store, txn, name)
+                except ZipfsError:
+                    gone.add(name)
+        return {name for name in here if name not in shown}, gone
+
+
+def _publish_removals(ops: Operations, remote: Remote, names: set[str]) -> None:
+    for name in sorted(names):
+        try:
+            log.info("%s: removed here; published as removed (version %s)", name,
+                     push_removal(ops.ns.store, remote, name))
+        except ZipfsError as e:
+            log.warning("%s: could not publish its removal (retrying): %s", name, e)
 
 
 def _push_all(ops: Operations, remote: Remote, names: set[str]) -> set[str]:
@@ -66,14 +86,20 @@ async def refresh_loop(ops: Operations, remote: Remote) -> None:
     """Runs for the mount's lifetime; a server that is away costs a warning per round, not the
     mount. Models changed here are pushed before the bucket's are imported, and kept while
     their push fails: what a writer here was acknowledged is never replaced by another's."""
-    pending = await trio.to_thread.run_sync(unpushed, ops)
+    pending: set[str] = set()
     while True:
         stored = getattr(ops, "stored_inos", None)
         if stored:
             inos = set(stored)
             stored.clear()
             pending |= await trio.to_thread.run_sync(_model_paths, ops, inos)
-        if pending and getattr(ops, "ingest_idle", True):  # pushed once all written is stored
+        idle = getattr(ops, "ingest_idle", True)
+        if idle:  # pushed once all written is stored
+            new, gone = await trio.to_thread.run_sync(unpushed, ops)
+            pending |= new
+            if gone:
+                await trio.to_thread.run_sync(_publish_removals, ops, remote, gone)
+        if pending and idle:
             pending = await trio.to_thread.run_sync(_push_all, ops, remote, pending)
         try:
             r = await trio.to_thread.run_sync(partial(sync, ops.ns.store, remote, keep=frozenset(pending)))

@@ -119,7 +119,7 @@ def import_model(store: Store, remote: Remote, name: str, version: str) -> None:
         for inner, _ in list(store.scan(txn, "rmodels", prefix=names.encode(name) + b"/")):
             store.delete(txn, "rmodels", inner)  # models inside it went with it: import them again
         if m.deleted:
-            tables.set_model_version(store, txn, name, version)
+            tables.set_model_version(store, txn, name, version, removed=True)
             return
         made: dict[str, int] = {}
         top = None

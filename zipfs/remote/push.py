@@ -221,7 +221,8 @@ def publish(store: Store, remote: Remote, manifest: ModelManifest) -> str:
     version = layout.new_version(remote.cfg.writer)
     manifest.created_ns = layout.version_ns(version)
     remote.bucket.put(layout.model_prefix(manifest.name) + version, manifest.encode(), create=True)
-    store.writer.call(lambda txn: tables.set_model_version(store, txn, manifest.name, version))
+    store.writer.call(lambda txn: tables.set_model_version(store, txn, manifest.name, version,
+                                                            removed=manifest.deleted))
     return version
 
 

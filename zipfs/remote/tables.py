@@ -70,11 +70,19 @@ def put_location(store: Store, txn: lmdb.Transaction, chunk_id: int, e: Entry) -
 
 def model_version(store: Store, txn: lmdb.Transaction, name: str) -> str | None:
     raw = store.get(txn, "rmodels", name.encode("utf-8", "surrogateescape"))
-    return None if raw is None else raw.decode()
+    return None if raw is None else raw.decode().split(" ")[0]
 
 
-def set_model_version(store: Store, txn: lmdb.Transaction, name: str, version: str) -> None:
-    store.put(txn, "rmodels", name.encode("utf-8", "surrogateescape"), version.encode())
+def shown_models(store: Store, txn: lmdb.Transaction) -> dict[str, bool]:
+    """Every model the store shows as the bucket has it: name -> whether that version is a removal."""
+    return {k.decode("utf-8", "surrogateescape"): v.endswith(b" removed")
+            for k, v in store.scan(txn, "rmodels")}
+
+
+def set_model_version(store: Store, txn: lmdb.Transaction, name: str, version: str,
+                      removed: bool = False) -> None:
+    store.put(txn, "rmodels", name.encode("utf-8", "surrogateescape"),
+              version.encode() + (b" removed" if removed else b""))
 
 
 def forget_model_version(store: Store, txn: lmdb.Transaction, name: str) -> None:
