@@ -459,3 +459,14 @@ def test_equal_files_of_an_imported_model_are_versions_of_their_own(tmp_path, mo
     z(b, "rm", "twins/config-copy.json")
     z(b, "gc")
     assert "9 ok, 0 failed" in z(b, "verify", "twins").stdout  # config.json still reads
+
+
+def test_a_bucket_model_inside_a_model_of_this_stores_own_is_not_imported(tmp_path, models, s3, remote_url):
+    a = machine(tmp_path, "a", remote_url, s3)
+    z(a, "ingest", str(models["minilm"]), "--name", "x/y")
+    b = tmp_path / "b"
+    z(b, "ingest", str(models["sre"]), "--name", "x")  # before the store had a remote: its own
+    z(b, "remote", "set", remote_url, "--endpoint", s3.endpoint)
+    r = z(b, "pull", "--metadata-only")
+    assert "x/y: kept" in r.stdout, r.stdout + r.stderr
+    assert files_of_store(b, "x") == files_of(models["sre"])

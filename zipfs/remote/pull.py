@@ -169,6 +169,8 @@ def sync(store: Store, remote: Remote, only: str | None = None,
         if only not in want:
             raise NotFoundError(f"{only}: no such model in {remote.cfg.url}")
         want = {only: want[only]}
+    with store.read() as txn:
+        own = {n for n in models.named(store, txn) if tables.model_version(store, txn, n) is None}
     for name, version in sorted(want.items()):
         with store.read() as txn:
             have = tables.model_version(store, txn, name)
@@ -178,6 +180,11 @@ def sync(store: Store, remote: Remote, only: str | None = None,
             except ZipfsError:
                 exists = False
         if have == version:
+            continue
+        inside = next((o for o in own if name.startswith(o + "/")), None)
+        if inside is not None:  # it would land inside a model of this store's own
+            report.skipped.append(name)
+            log.warning("%s: not imported: it lies inside %s, a model of this store's own", name, inside)
             continue
         if have is None and exists:
             report.skipped.append(name)
