@@ -13,6 +13,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -104,52 +105,50 @@ class Bucket:
             self.requests[op] += 1
             self.bytes[op] += n
 
-    def _fail(self, op: str, key: str, e: BaseException) -> RemoteError:
-        return RemoteError(f"remote {self.cfg.url}: {op} {key} failed: {_reason(e)}")
+    @contextmanager
+    def _calling(self, op: str, key: str, what: str = "", reads: bool = False) -> Iterator[None]:
+        """One request's failures as one-line errors naming the operation and what it was for
+        (key, or what is given); for a read of the object at key, its absence as MissingError
+        (callers to whom absence is an answer catch FileNotFoundError inside the block)."""
+        try:
+            yield
+        except (BaseError, OSError) as e:
+            if reads and isinstance(e, FileNotFoundError):
+                raise MissingError(f"remote {self.cfg.url}: {key} is missing from the bucket") from None
+            raise RemoteError(f"remote {self.cfg.url}: {op} {what or key} failed: {_reason(e)}") from None
 
     def put(self, key: str, data: bytes | memoryview, create: bool = False) -> bool:
         """Store an object; with create, only if the key is new (If-None-Match: *): False when
         it exists already (content-addressed keys: someone else stored the same bytes)."""
         self._count("put", len(data))
-        try:
-            obstore.put(self._s3, key, data, mode="create" if create else "overwrite",
-                        use_multipart=False)
-        except AlreadyExistsError:
-            return False
-        except (BaseError, OSError) as e:
-            raise self._fail("PUT", key, e) from None
+        with self._calling("PUT", key):
+            try:
+                obstore.put(self._s3, key, data, mode="create" if create else "overwrite",
+                            use_multipart=False)
+            except AlreadyExistsError:
+                return False
         return True
 
     def get(self, key: str) -> bytes:
         self._count("get")
-        try:
+        with self._calling("GET", key, reads=True):
             data = bytes(obstore.get(self._s3, key).bytes())
-        except FileNotFoundError:
-            raise MissingError(f"remote {self.cfg.url}: {key} is missing from the bucket") from None
-        except (BaseError, OSError) as e:
-            raise self._fail("GET", key, e) from None
         self.bytes["get"] += len(data)
         return data
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         self._count("get_range", length)
-        try:
-            data = obstore.get_range(self._s3, key, start=start, length=length)
-        except FileNotFoundError:
-            raise MissingError(f"remote {self.cfg.url}: {key} is missing from the bucket") from None
-        except (BaseError, OSError) as e:
-            raise self._fail("GET", f"{key} [{start}, +{length})", e) from None
-        return bytes(data)
+        with self._calling("GET", key, f"{key} [{start}, +{length})", reads=True):
+            return bytes(obstore.get_range(self._s3, key, start=start, length=length))
 
     def modified(self, key: str) -> datetime | None:
         """When the object was last written, or None when it does not exist."""
         self._count("head")
-        try:
-            return obstore.head(self._s3, key)["last_modified"]
-        except FileNotFoundError:
-            return None
-        except (BaseError, OSError) as e:
-            raise self._fail("HEAD", key, e) from None
+        with self._calling("HEAD", key):
+            try:
+                return obstore.head(self._s3, key)["last_modified"]
+            except FileNotFoundError:
+                return None
 
     def exists(self, key: str) -> bool:
         return self.modified(key) is not None
@@ -163,18 +162,15 @@ class Bucket:
     def list(self, prefix: str) -> Iterator[Listed]:
         """Every object under prefix (keys relative to the bucket prefix)."""
         self._count("list")
-        try:
+        with self._calling("LIST", prefix):
             for batch in obstore.list(self._s3, prefix=prefix):
                 for o in batch:
                     yield Listed(o["path"], o["size"], o["last_modified"])
-        except (BaseError, OSError) as e:
-            raise self._fail("LIST", prefix, e) from None
 
     def delete(self, key: str) -> None:
         self._count("delete")
-        try:
-            obstore.delete(self._s3, key)
-        except FileNotFoundError:
-            pass
-        except (BaseError, OSError) as e:
-            raise self._fail("DELETE", key, e) from None
+        with self._calling("DELETE", key):
+            try:
+                obstore.delete(self._s3, key)
+            except FileNotFoundError:
+                pass
