@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from zipfs.codec import widen
 from zipfs.errors import CorruptChunkError, ZipfsError
@@ -53,8 +54,18 @@ class BaseRef:
     xform: int = widen.NONE
 
 
-def resolve_base(store: Store, source: ChunkSource, ref: BaseRef,
-                 nbytes: int) -> tuple[BaseRef, bytes | memoryview] | None:
+class Resolved(NamedTuple):
+    """The base a new chunk is coded against, and its bytes."""
+
+    ref: BaseRef
+    raw: bytes | memoryview
+    #: bytes the base chunk's own coding takes for as many bytes as the new chunk (None when it
+    #: is widened from another dtype): a fine-tune's chunk codes standalone to about this, so a
+    #: delta clearly below it need not be compared with a standalone coding
+    plain_hint: float | None
+
+
+def resolve_base(store: Store, source: ChunkSource, ref: BaseRef, nbytes: int) -> Resolved | None:
     """The standalone chunk and bytes a new chunk of nbytes is coded against, or None.
 
     Delta depth one: when the base chunk is itself a delta, code against its own base (the same
@@ -62,15 +73,19 @@ def resolve_base(store: Store, source: ChunkSource, ref: BaseRef,
     """
     with store.read() as txn:
         brec = store.chunk(txn, ref.chunk_id)
-    if brec.base:
-        if ref.off or ref.xform:
-            return None
-        ref = BaseRef(brec.base, brec.base_off, brec.base_xform)
+        if brec.base:
+            if ref.off or ref.xform:
+                return None
+            ref = BaseRef(brec.base, brec.base_off, brec.base_xform)
+            brec = store.chunk(txn, ref.chunk_id)
     try:
         raw = source.base_bytes(ref.chunk_id, ref.off, ref.xform, nbytes)
     except CorruptChunkError:
         return None
-    return (ref, raw) if len(raw) == nbytes else None
+    if len(raw) != nbytes:
+        return None
+    hint = brec.stored_len * nbytes / brec.raw_len if brec.raw_len and not ref.xform else None
+    return Resolved(ref, raw, hint)
 
 
 @dataclass
@@ -223,7 +238,7 @@ def _score(store: Store, source: ChunkSource, local: dict[str, LocalTensor],
         if resolved is None:
             continue
         plain = len(encoding.plain(raw, lt.info.dtype).payload)
-        delta = len(encoding.delta(raw, lt.info.dtype, resolved[1]).payload)
+        delta = len(encoding.delta(raw, lt.info.dtype, resolved.raw).payload)
         plain_bytes += plain
         delta_bytes += min(delta, plain)
     return overlap, (delta_bytes / plain_bytes if plain_bytes else 1.0)
