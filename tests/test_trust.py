@@ -526,6 +526,27 @@ def test_user_xattrs_and_state_xattrs_agree(base_store, tmp_path):
         assert e.value.errno == errno.EPERM
 
 
+def test_xattrs_set_before_a_remount_are_read_after_it(base_store, tmp_path):
+    """The writable mount answers getxattr of a file without xattrs from memory (the kernel asks
+    for security.capability before every write): what an earlier mount set must still be read."""
+    m = tmp_path / "m"
+    with mounted(base_store, m):
+        (m / "a").write_bytes(b"a")
+        (m / "b").write_bytes(b"b")
+        os.setxattr(m / "a", "user.k", b"v")
+    for _ in range(2):
+        with mounted(base_store, m):
+            assert os.getxattr(m / "a", "user.k") == b"v"
+            with pytest.raises(OSError) as e:
+                os.getxattr(m / "b", "user.k")
+            assert e.value.errno == errno.ENODATA
+            with open(m / "b", "ab") as f:  # a write still works (and its capability check)
+                f.write(b"more")
+            os.setxattr(m / "b", "user.k", b"w")
+            assert os.getxattr(m / "b", "user.k") == b"w"
+            os.removexattr(m / "b", "user.k")
+
+
 def test_ingest_of_a_large_sparse_file_uses_bounded_memory(tmp_path):
     sparse = tmp_path / "sparse.bin"
     with open(sparse, "wb") as f:

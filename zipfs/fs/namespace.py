@@ -17,7 +17,7 @@ from zipfs.read.reader import FileLayout, layout_of
 from zipfs.store import inodes, names
 from zipfs.store.inodes import Inode
 from zipfs.store.lmdb_store import Store
-from zipfs.store.records import TensorEntry, u64key
+from zipfs.store.records import TensorEntry, key_u64, u64key
 
 log = logging.getLogger("zipfs.mount")
 
@@ -96,6 +96,14 @@ class Namespace:
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         with self.store.read() as txn:
             return {k[8:]: v for k, v in self.store.scan(txn, "xattrs", u64key(ino))}
+
+    def inodes_with_xattrs(self) -> set[int]:
+        """Inodes with at least one stored xattr (one whose record is damaged included)."""
+        with self.store.read() as txn:
+            out = set()
+            for k, _ in self.store.scan(txn, "xattrs", on_damage=lambda k, e: out.add(key_u64(k[:8]))):
+                out.add(key_u64(k[:8]))
+            return out
 
     def xattr(self, ino: int, name: bytes) -> bytes | None:
         with self.store.read() as txn:

@@ -122,6 +122,8 @@ class Operations(pyfuse3.Operations):
     keep_cache = False
     #: another mount writes the store: a file open here can change under its handles
     sees_other_writers = True
+    #: inodes that may have xattrs, where only this mount sets them; None: ask the store each time
+    xattr_inodes: set[int] | None = None
 
     def __init__(self, ns: Namespace, source: ChunkSource, workers: int, pins: Pins) -> None:
         super().__init__()
@@ -313,6 +315,8 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name.startswith(b"user.zipfs."):
             value = (await self._virtual_xattrs(inode)).get(name)
+        elif self.xattr_inodes is not None and inode not in self.xattr_inodes:
+            value = None  # no thread hop: the kernel asks for security.capability before every write
         else:
             value = await self._thread(self.ns.xattr, inode, name)
         if value is None:

@@ -111,6 +111,9 @@ class WritableOperations(Operations):
         self._bases: dict[int, BaseChoice] = {}
         #: inodes whose new version background ingest stored (the remote's sync pushes their models)
         self.stored_inos: set[int] = set()
+        #: every inode that may have xattrs: only this mount sets them, so one that is not here has
+        #: none (a superset: removing an xattr or an inode leaves it in)
+        self.xattr_inodes = ns.inodes_with_xattrs()
         for sid, rec in sorted(recovered.items()):  # FIFO: oldest first
             v = self.versions[sid] = Version(sid, rec.ino, staging_path(self.store, sid), rec.size,
                                              acked_size=rec.size)
@@ -349,6 +352,7 @@ class WritableOperations(Operations):
             node.ctime_ns = time.time_ns()
             inodes.put(self.store, txn, node)
 
+        self.xattr_inodes.add(inode)  # before the commit: a getxattr meanwhile asks the store
         await self._commit(op)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
