@@ -221,6 +221,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["smollm", "minilm"], default="smollm")
     ap.add_argument("--cache-size", default="512M")
     ap.add_argument("--readahead-kb", type=int, default=1024)
+    ap.add_argument("--json", type=Path, help="also write the report here (tools/plot_read.py plots it)")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"what to measure besides the cold reads and the bound: {','.join(PARTS)}")
     args = ap.parse_args()
@@ -318,7 +319,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     bound = cores / (med["fuse_cost"] + med["decode_cost"]) * gb
     report: dict[str, object] = {
-        "file": name, "size_mb": size / 1e6, "runs": args.runs, "cores": cores,
+        "model": args.model, "file": name, "size_mb": size / 1e6, "runs": args.runs, "cores": cores,
         "cold_seq_mount_gbs": med["mount"] / gb, "cold_seq_raw_gbs": med["raw"] / gb,
         "cold_seq_squashfs_gbs": med["squashfs"] / gb,
         "mount_vs_raw": med["mount"] / med["raw"], "mount_vs_squashfs": med["mount"] / med["squashfs"],
@@ -362,6 +363,8 @@ def main() -> None:
     rows.append((f"peak RSS of the mount, MB (cache {args.cache_size}): anonymous / with mapped store pages",
                  f"{report['peak_anon_rss_mb']:.0f} / {report['peak_rss_mb']:.0f}", "", "", ""))
     print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     print("\n| what | zipfs mount | plain file | squashfs | bound |\n|---|---:|---:|---:|---:|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
