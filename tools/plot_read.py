@@ -20,9 +20,14 @@ SERIES = [("cold_seq_mount_gbs", "zipfs mount", "#1f77b4"),
           ("cold_seq_raw_gbs", "plain file, local disk", "#7f7f7f")]
 
 
+#: bench_read's --model values, as the plot names them
+MODELS = {"smollm": "SmolLM2-135M BF16, 100-step fine-tune", "minilm": "MiniLM F32, sre fine-tune"}
+
+
 def label(report: dict) -> str:
     """A file's axis label: which model and file, how big, how many runs."""
-    return f"{report['file']}\n{report['size_mb']:.0f} MB, median of {report['runs']}"
+    return (f"{MODELS.get(report.get('model', ''), report['file'])}\n"
+            f"{report['size_mb']:.0f} MB, median of {report['runs']}")
 
 
 def main() -> None:
