@@ -10,8 +10,10 @@ drained before each step unless said otherwise, times (close included everywhere
   ingested;
 - Python `write()` of 1 MiB blocks, into the mount and to local disk (+ fsync);
 - `os.utime` and an open for writing right after closing a file whose ingest has not finished;
-- `save_pretrained` of the model into the mount and into a plain directory (SmolLM2 only).
-Medians of --runs runs.
+- `save_pretrained` of the model into the mount and into a plain directory (SmolLM2 only; one
+  untimed save first, `sync` before each timed one, the order alternating between runs);
+- the p50 latency of a 1 MiB `write()` into the mount.
+Medians of --runs runs. As root (it drops the page cache).
 
     .venv/bin/python tools/bench_write.py [--runs 5] [--model smollm|minilm]
 """
@@ -40,10 +42,12 @@ from zipfs.ingest.model import ingest_model  # noqa: E402
 from zipfs.store.lmdb_store import Store  # noqa: E402
 
 SAVE = r"""
-import sys, time, torch
+import os, sys, time, torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto")
-for dest in sys.argv[2:]:
+m.save_pretrained(sys.argv[2])  # the first save of a process pays for more than its writes
+for dest in sys.argv[3:]:
+    os.sync()
     t = time.perf_counter(); m.save_pretrained(dest); print(time.perf_counter() - t, flush=True)
 """
 
@@ -54,16 +58,20 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def write_blocks(src: Path, dest: Path, fsync: bool, block: int = 1 << 20) -> float:
-    """Seconds to write src's bytes (already in memory) to dest in `block`-sized write()s."""
+def write_blocks(src: Path, dest: Path, fsync: bool, block: int = 1 << 20) -> tuple[float, float]:
+    """(seconds to write src's bytes, already in memory, to dest in `block`-sized write()s, close
+    included; the median seconds of one write())."""
     data = memoryview(src.read_bytes())
+    lat = []
     t0 = time.perf_counter()
     with open(dest, "wb", buffering=0) as f:
         for off in range(0, len(data), block):
+            t = time.perf_counter()
             f.write(data[off:off + block])
+            lat.append(time.perf_counter() - t)
         if fsync:
             os.fsync(f.fileno())
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, statistics.median(lat)
 
 
 def after_close(src: Path, dest: Path) -> tuple[float, float]:
@@ -128,16 +136,20 @@ def main() -> None:
                 add("utime_after_close", utime_s)
                 add("open_after_close", open_s)
                 clean()
-                add("write_mount", write_blocks(src, mnt / "w" / "a", fsync=False))
+                secs, one = write_blocks(src, mnt / "w" / "a", fsync=False)
+                add("write_mount", secs)
+                add("one_write_p50", one)
                 clean()
-                add("write_local_fsync", write_blocks(src, local / "a", fsync=True))
+                add("write_local_fsync", write_blocks(src, local / "a", fsync=True)[0])
                 if args.model == "smollm":
                     clean()
-                    r = subprocess.run([sys.executable, "-c", SAVE, str(model_dir), str(local / "m"),
-                                        str(mnt / "w" / "m")], check=True, capture_output=True, text=True)
-                    plain, into_mount = (float(x) for x in r.stdout.split())
-                    add("save_local", plain)
-                    add("save_mount", into_mount)
+                    dests = [("save_local", local / "m"), ("save_mount", mnt / "w" / "m")]
+                    dests = dests if run % 2 == 0 else dests[::-1]
+                    r = subprocess.run([sys.executable, "-c", SAVE, str(model_dir), str(local / "warm"),
+                                        *(str(d) for _, d in dests)], check=True, capture_output=True,
+                                       text=True)
+                    for (key, _), secs in zip(dests, r.stdout.split(), strict=True):
+                        add(key, float(secs))
             clean()
     med = {k: statistics.median(v) for k, v in res.items()}
     gbs = {k: size / v / 1e9 for k, v in med.items() if k.startswith(("cp", "write"))}
@@ -158,6 +170,7 @@ def main() -> None:
                       ("write_local_fsync", "Python write() of 1 MiB blocks to local disk + fsync"),
                       ("save_local", "save_pretrained into a plain directory"),
                       ("save_mount", "save_pretrained into the mount"),
+                      ("one_write_p50", "one 1 MiB write() into the mount, p50"),
                       ("utime_after_close", "utime right after close, ingest pending"),
                       ("open_after_close", "open for writing right after close, ingest pending")):
         if key in med:

@@ -66,10 +66,10 @@ _ENTROPY_PARAMS = dict(strategy=zstandard.STRATEGY_FAST, min_match=7, window_log
                        chain_log=6, search_log=1)
 #: a plane that entropy coding shrinks below this may hold repeats that LZ coding finds too
 LZ_WORTH_TRYING = 0.6
-#: the same for planes of 1- and 2-byte elements (BF16, F16): on the SmolLM2 BF16 family and the
-#: MiniLM pair cast to BF16 the LZ tries above this gained 0.5 KB of 330 MB coded while taking
-#: 60% of the entropy coding's time; F32 planes gain 0.2% from them (repeated rows of an
-#: embedding), so they keep the wider test
+#: the same for planes of 2-byte elements (BF16, F16; 1-byte data is coded LZ first): on the
+#: SmolLM2 BF16 family and the MiniLM pair cast to BF16 the LZ tries above this gained 0.5 KB of
+#: 330 MB coded while taking 60% of the entropy coding's time; F32 planes gain 0.2% from them
+#: (repeated rows of an embedding) and quantized blocks were not measured: both keep 0.6
 LZ_WORTH_TRYING_NARROW = 0.2
 
 
@@ -166,7 +166,7 @@ def encode(raw: bytes | memoryview, width: int = 1, exp8: bool = False,
     # one fused pass (zipfs/codec/_planes.c): delta, rotation and the split into byte planes
     planes = [np.frombuffer(p, dtype=np.uint8) for p in _planes.split(raw, width, rot, delta, base)]
     parts, methods = _code_planes(planes, level, entropy_first=width > 1,
-                                  lz_below=LZ_WORTH_TRYING if width > 2 else LZ_WORTH_TRYING_NARROW)
+                                  lz_below=LZ_WORTH_TRYING_NARROW if width == 2 else LZ_WORTH_TRYING)
     payload = b"".join([_HEAD.pack(VERSION, flags, width, 0, n), *parts])
     return Encoded(payload, tuple(methods))
 
