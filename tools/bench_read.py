@@ -60,6 +60,21 @@ print(dt, float(sum(p.float().sum() for p in m.parameters())))
 PARTS = ("workers", "load", "latency", "ingest")
 
 
+class Samples(dict[str, list[float]]):
+    """Measurements by name, one or more a run; the report takes their medians."""
+
+    def add(self, key: str, value: float) -> None:
+        self.setdefault(key, []).append(value)
+
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.items()}
+
+
+def bench_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
+    """A scratch directory for one benchmark, under $ZIPFS_BENCH_DIR when set."""
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=os.environ.get("ZIPFS_BENCH_DIR"))
+
+
 def drop_caches() -> None:
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -249,13 +264,9 @@ def main() -> None:
     plain_file = plain_dir / "model.safetensors"
     size = plain_file.stat().st_size
     mount_opts = ("--cache-size", args.cache_size, "--readahead-kb", str(args.readahead_kb))
-    res: dict[str, list[float]] = {}
-
-    def add(key: str, value: float) -> None:
-        res.setdefault(key, []).append(value)
-
-    tmpdir = os.environ.get("ZIPFS_BENCH_DIR")
-    with tempfile.TemporaryDirectory(prefix="zipfs-bench-read-", dir=tmpdir) as tmp:
+    res = Samples()
+    add = res.add
+    with bench_dir("zipfs-bench-read-") as tmp:
         work = Path(tmp)
         store = work / "store"
         with Store(store) as s, Ingester(s) as ing:
@@ -314,7 +325,7 @@ def main() -> None:
                     add("mount_ingesting", read_bps)
                     add("write", write_bps)
                     add("overlapped", overlapped)
-    med = {k: statistics.median(v) for k, v in res.items()}
+    med = res.medians()
     gb = 1e9
     cores = os.cpu_count() or 1
     bound = cores / (med["fuse_cost"] + med["decode_cost"]) * gb

@@ -27,15 +27,15 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_ingest  # noqa: E402
+from bench_meta import timed  # noqa: E402
 
-from bench_read import drop_caches  # noqa: E402
+from bench_read import Samples, bench_dir, drop_caches  # noqa: E402
 from zipfs.fs.process import mounted, zipfs_cmd  # noqa: E402
 from zipfs.ingest.ingester import Ingester  # noqa: E402
 from zipfs.ingest.model import ingest_model  # noqa: E402
@@ -50,12 +50,6 @@ for dest in sys.argv[3:]:
     os.sync()
     t = time.perf_counter(); m.save_pretrained(dest); print(time.perf_counter() - t, flush=True)
 """
-
-
-def timed(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t0
 
 
 def write_blocks(src: Path, dest: Path, fsync: bool, block: int = 1 << 20) -> tuple[float, float]:
@@ -94,13 +88,9 @@ def main() -> None:
     model_dir = members[1][1]
     src = model_dir / "model.safetensors"
     size = src.stat().st_size
-    res: dict[str, list[float]] = {}
-
-    def add(key: str, value: float) -> None:
-        res.setdefault(key, []).append(value)
-
-    tmpdir = os.environ.get("ZIPFS_BENCH_DIR")
-    with tempfile.TemporaryDirectory(prefix="zipfs-bench-write-", dir=tmpdir) as tmp:
+    res = Samples()
+    add = res.add
+    with bench_dir("zipfs-bench-write-") as tmp:
         work = Path(tmp)
         store, mnt, local = work / "store", work / "mnt", work / "local"
         local.mkdir()
@@ -151,7 +141,7 @@ def main() -> None:
                     for (key, _), secs in zip(dests, r.stdout.split(), strict=True):
                         add(key, float(secs))
             clean()
-    med = {k: statistics.median(v) for k, v in res.items()}
+    med = res.medians()
     gbs = {k: size / v / 1e9 for k, v in med.items() if k.startswith(("cp", "write"))}
     report = {"file": str(src), "size_mb": size / 1e6, "runs": args.runs, "seconds": med, "gb_per_s": gbs,
               "cp_mount_vs_cp_sync": med["cp_sync_local"] / med["cp_mount"],

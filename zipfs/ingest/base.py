@@ -84,7 +84,7 @@ def resolve_base(store: Store, source: ChunkSource, ref: BaseRef, nbytes: int) -
         return None
     if len(raw) != nbytes:
         return None
-    hint = brec.stored_len * nbytes / brec.raw_len if brec.raw_len and not ref.xform else None
+    hint = brec.stored_len * nbytes / brec.raw_len if not ref.xform else None  # (raw_len > 0: unpack checks)
     return Resolved(ref, raw, hint)
 
 

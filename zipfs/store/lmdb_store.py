@@ -24,7 +24,7 @@ Tables (every value sealed with a checksum over table, key and value, but payloa
     staged     staging id -> journal row of a version written through a mount
     orphans    file id -> ino: versions no inode uses any more, kept while that ino is pinned
     xattrs     ino + name -> value (user extended attributes); only the writable mount writes
-               it (its getattr answers from the set of inodes it loaded and added to)
+               it (its getxattr answers from the set of inodes it loaded and added to)
     rindex, rpacks, rlocs, rmodels: what the store knows of its remote (zipfs.remote.tables)
 """
 
